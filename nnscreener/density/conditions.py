@@ -1,0 +1,67 @@
+"""Sin-cos positional encodings of absolute CT positions: the paper's baseline condition model.
+
+The paper (appendix "Baseline condition models") encodes the absolute position of each voxel w.r.t. the whole CT,
+not w.r.t. the crop the models see, with standard (transformer) sin-cos encodings. Here the d_c channels are split
+across the axes (z, y, x): the n = d_c / 2 frequency pairs go n // 3 to each axis and the remaining n % 3 one each
+to z, then y. Axis a with n_a pairs uses the standard geometric frequencies
+    omega_k = max_period ** (-k / n_a),  k = 0 .. n_a - 1   (wavelengths 2 pi .. ~2 pi max_period position units)
+and contributes the channels [sin(omega_0 p_a) .. sin(omega_{n_a-1} p_a), cos(omega_0 p_a) .. cos(omega_{n_a-1} p_a)];
+channel blocks are ordered z, y, x. Positions may be in voxels or mm; the frequencies are per position unit.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from nnscreener.utilities.errors import ScreenerInputError
+
+
+def _axis_frequencies(d_c: int, max_period: float) -> list[torch.Tensor]:
+    """The float64 frequencies of the z, y and x axes."""
+    if d_c < 6 or d_c % 2:
+        raise ScreenerInputError(f'sin-cos conditions need an even number of channels d_c >= 6 (a sin-cos pair '
+                                 f'per axis at least), got d_c={d_c}')
+    pairs = d_c // 2
+    counts = [pairs // 3 + (axis < pairs % 3) for axis in range(3)]
+    return [max_period ** (-torch.arange(n, dtype=torch.float64) / n) for n in counts]
+
+
+def _encode(coordinates: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """Sin-cos encoding of float64 coordinates (...,) -> (..., 2 len(frequencies))."""
+    angles = coordinates[..., None] * frequencies
+    return torch.cat([torch.sin(angles), torch.cos(angles)], -1)
+
+
+def sincos_conditions(positions, d_c: int, max_period: float = 10000.) -> torch.Tensor:
+    """Sin-cos conditions of absolute positions (..., 3) ordered (z, y, x), in voxels or mm -> float32 (..., d_c)."""
+    positions = torch.as_tensor(positions, dtype=torch.float64)
+    if positions.shape[-1:] != (3,):
+        raise ScreenerInputError(f'positions must be (..., 3) (z, y, x) coordinates, '
+                                 f'got shape {tuple(positions.shape)}')
+    frequencies = _axis_frequencies(d_c, max_period)
+    return torch.cat([_encode(positions[..., a], frequencies[a]) for a in range(3)], -1).float()
+
+
+def sincos_condition_map(crop_start: Sequence[int], crop_shape: Sequence[int], d_c: int,
+                         stride: Sequence[int] = (1, 1, 1), max_period: float = 10000.,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """Condition map (d_c, z', y', x') of a crop of the whole volume, matching an average-pooled feature map.
+
+    crop_start: (z, y, x) voxel index in the whole (preprocessed) volume of the crop's first voxel (may be negative
+    where the crop was padded beyond the volume). crop_shape: the crop's (z, y, x) size in voxels.
+    stride: the average-pooling kernel = stride the feature maps went through (`pool_and_noise`); (1, 1, 1) for
+    full-resolution maps. Pooled cell j along an axis with stride s averages crop voxels j*s .. j*s + s - 1, so it is
+    encoded at its centre, the absolute position crop_start + j*s + (s - 1) / 2, in full-resolution voxel units.
+    z' = crop_shape // stride (floor), as torch's avg_pool3d without padding.
+    """
+    if not len(crop_start) == len(crop_shape) == len(stride) == 3:
+        raise ScreenerInputError(f'crop_start, crop_shape and stride must be (z, y, x) triples, got {crop_start}, '
+                                 f'{crop_shape}, {stride}')
+    frequencies = _axis_frequencies(d_c, max_period)
+    blocks = []
+    for axis, (start, size, s) in enumerate(zip(crop_start, crop_shape, stride)):
+        centres = start + s * torch.arange(size // s, dtype=torch.float64) + (s - 1) / 2
+        view = [1, 1, 1]
+        view[axis] = len(centres)
+        blocks.append(_encode(centres, frequencies[axis]).T.reshape(-1, *view))
+    shape = [n // s for n, s in zip(crop_shape, stride)]
+    return torch.cat([b.expand(-1, *shape) for b in blocks], 0).to(device=device, dtype=torch.float32)

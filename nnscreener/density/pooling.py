@@ -1,0 +1,25 @@
+"""Training-time pre-processing of frozen feature maps for the density model (paper, implementation details).
+
+Descriptor and condition maps are average-pooled with stride 3 x 3 x 2 (x, y, z), i.e. (2, 3, 3) in (z, y, x), so a
+(64, 96, 96) crop gives 32^3 density-model voxels, and Gaussian noise of sd 0.1 is injected into both "to
+stabilize the training" (it also bounds the density the model can fit to near-duplicate descriptors).
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_and_noise(features: torch.Tensor, stride: Sequence[int] = (2, 3, 3), noise_sd: float = 0.1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Average-pools (B, C, z, y, x) maps with kernel = stride, then adds N(0, noise_sd^2) noise.
+
+    Use noise_sd=0.1 while training the density model and noise_sd=0 at inference (pooling only). The output has
+    shape (B, C, z // sz, y // sy, x // sx) and keeps the input dtype; `generator` (on the features' device) makes
+    the noise reproducible.
+    """
+    pooled = F.avg_pool3d(features, kernel_size=tuple(stride), stride=tuple(stride))
+    if noise_sd == 0:
+        return pooled
+    noise = torch.randn(pooled.shape, generator=generator, device=pooled.device, dtype=pooled.dtype)
+    return pooled + noise_sd * noise

@@ -1,0 +1,212 @@
+"""Evaluation of unsupervised anomaly maps against pathology masks (paper Sec. 4.1): `nnScreener_evaluate`.
+
+Reads `<case>.nii.gz` float anomaly maps and `<case>.nii.gz` reference masks (> 0 = pathology) and reports
+voxel AUROC (1000 + 1000 sampled voxels per image, pooled over the dataset), AUROC and AUPRO up to FPR 0.3
+(MVTec AD, normalised), per-case average precision, and Dice at one threshold chosen on a few pathological cases
+and then fixed. Volumes are read one at a time (twice: sampling, then full-map counts), so datasets of any size fit.
+"""
+import argparse
+import csv
+import io
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, best_threshold_from_curves,
+                                           dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
+                                           pro_thresholds, sample_voxels)
+from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
+from nnscreener.utilities.io import atomic_path, atomic_save_json
+
+PER_CASE_FILE = 'metrics_per_case.csv'
+SUMMARY_FILE = 'summary.json'
+PER_CASE_COLUMNS = ('case', 'pathological', 'n_lesion_voxels', 'threshold_case', 'auroc', 'auroc_up_to_fpr',
+                    'aupro_up_to_fpr', 'average_precision', 'dice')
+
+
+def json_ready(value):
+    """NaN/inf -> None and numpy scalars -> Python, so the written JSON is strict."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _case_names(pred_folder: str, ref_folder: str, file_ending: str) -> List[str]:
+    for name, folder in (('anomaly map', pred_folder), ('reference', ref_folder)):
+        if not os.path.isdir(folder):
+            raise ScreenerInputError(f'{name} folder {folder} does not exist')
+    cases = sorted(f[:-len(file_ending)] for f in os.listdir(pred_folder) if f.endswith(file_ending))
+    if not cases:
+        raise ScreenerInputError(f'no *{file_ending} anomaly maps in {pred_folder}')
+    missing = [c for c in cases if not os.path.isfile(os.path.join(ref_folder, c + file_ending))]
+    if missing:
+        raise ScreenerInputError(f'no reference mask in {ref_folder} for case(s) {", ".join(missing)}: every anomaly '
+                                 f'map <case>{file_ending} needs a reference <case>{file_ending}')
+    return cases
+
+
+def _check_same_geometry(case: str, score_image: sitk.Image, ref_image: sitk.Image) -> None:
+    checks = (('size', score_image.GetSize(), ref_image.GetSize(), 0),
+              ('spacing', score_image.GetSpacing(), ref_image.GetSpacing(), 1e-4),
+              ('origin', score_image.GetOrigin(), ref_image.GetOrigin(), 1e-3),
+              ('direction', score_image.GetDirection(), ref_image.GetDirection(), 1e-4))
+    for what, got, expected, tolerance in checks:
+        if len(got) != len(expected) or not np.allclose(got, expected, rtol=0, atol=tolerance):
+            raise ScreenerInputError(f'case {case}: anomaly map {what} {tuple(np.round(got, 4))} differs from the '
+                                     f'reference {what} {tuple(np.round(expected, 4))}; maps must be on the grid '
+                                     f'of the reference masks (predict them from the same images)')
+
+
+def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str):
+    """-> (score map float32 (z, y, x), pathology mask bool (z, y, x)) after the geometry check."""
+    score_image = sitk.ReadImage(os.path.join(pred_folder, case + file_ending))
+    ref_image = sitk.ReadImage(os.path.join(ref_folder, case + file_ending))
+    _check_same_geometry(case, score_image, ref_image)
+    if score_image.GetNumberOfComponentsPerPixel() != 1:
+        raise ScreenerInputError(f'case {case}: the anomaly map must have one component per voxel')
+    score_map = sitk.GetArrayFromImage(score_image).astype(np.float32)
+    if not np.isfinite(score_map).all():
+        raise ScreenerInputError(f'case {case}: the anomaly map contains NaN or infinite values')
+    return score_map, sitk.GetArrayFromImage(ref_image) > 0
+
+
+def _per_case_csv(rows: List[Dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PER_CASE_COLUMNS, lineterminator='\n')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ('' if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _print_summary(summary: Dict) -> None:
+    lines = [('cases (pathological / normal)', f"{summary['n_pathological']} / {summary['n_normal']}"),
+             ('voxel AUROC (pooled)', f"{summary['auroc']:.3f}"),
+             (f"AUROC up to FPR {summary['max_fpr']}", f"{summary['auroc_up_to_fpr']:.3f}"),
+             (f"AUPRO up to FPR {summary['max_fpr']}", f"{summary['aupro_up_to_fpr']:.3f}"),
+             ('average precision (mean per case)', f"{summary['average_precision_mean']:.3f}"),
+             ('Dice threshold', f"{summary['dice_threshold']:.4g}"),
+             ('Dice (held-out cases)', f"{summary['dice_mean']:.3f} +- {summary['dice_std']:.3f}")]
+    width = max(len(k) for k, _ in lines)
+    print('\n'.join(f'{k:<{width}}  {v}' for k, v in lines))
+
+
+def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Optional[str] = None,
+                          n_threshold_cases: int = 10, seed: int = 0, n_voxels: int = 1000, max_fpr: float = 0.3,
+                          n_thresholds: int = 1000, file_ending: str = '.nii.gz', verbose: bool = True) -> Dict:
+    """Scores every `<case>` map of pred_folder against ref_folder/<case>; writes the per-case CSV and summary.json.
+
+    Cases with an empty reference mask are normal scans: they have no pathological voxels to sample, so they are
+    left out of every metric (listed in summary.json). For the other cases:
+    - AUROC (the paper's number): n_voxels inside + n_voxels outside the mask per image, pooled over all images;
+      AUROC up to max_fpr from the same samples; per-case AUROCs from each image's own samples.
+    - AUPRO up to max_fpr: all voxels, PRO curve over all lesions of all images at n_thresholds thresholds.
+    - Dice: the threshold maximising the mean Dice of n_threshold_cases pathological cases (seeded choice) is fixed
+      and applied to all cases; the summary's dice_mean/dice_std are over the other (held-out) cases.
+    Returns the summary dict. output_folder defaults to pred_folder.
+    """
+    if n_threshold_cases < 1:
+        raise ScreenerInputError(f'n_threshold_cases must be >= 1, got {n_threshold_cases}')
+    output_folder = pred_folder if output_folder is None else output_folder
+    cases = _case_names(pred_folder, ref_folder, file_ending)
+    rng = np.random.default_rng(seed)
+
+    # pass 1: geometry checks and the sampled voxels
+    samples, lesion_voxels = {}, {}
+    for case in cases:
+        score_map, mask = _read_case(pred_folder, ref_folder, case, file_ending)
+        lesion_voxels[case] = int(mask.sum())
+        if lesion_voxels[case] == mask.size:
+            raise ScreenerInputError(f'case {case}: the reference mask covers the whole image, so there are no '
+                                     f'normal voxels to compare with')
+        if lesion_voxels[case]:
+            samples[case] = sample_voxels(score_map, mask, n_voxels, rng)
+    pathological = sorted(samples)
+    normal = [c for c in cases if c not in samples]
+    if len(pathological) <= n_threshold_cases:
+        raise ScreenerInputError(f'{len(pathological)} pathological case(s) (non-empty reference mask) in '
+                                 f'{ref_folder}; choosing the Dice threshold on {n_threshold_cases} of them leaves '
+                                 f'none to score: lower --n_threshold_cases or add cases')
+    threshold_cases = sorted(rng.choice(pathological, n_threshold_cases, replace=False).tolist())
+    held_out = [c for c in pathological if c not in threshold_cases]
+    labels, scores = (np.concatenate(parts) for parts in zip(*samples.values()))
+    thresholds = pro_thresholds(scores[labels == 0], scores[labels == 1], max_fpr, n_thresholds)
+    candidates = dice_candidates(np.concatenate([samples[c][1][samples[c][0] == 1] for c in threshold_cases]),
+                                 n_thresholds)
+
+    # pass 2: full-map metrics; the threshold cases first, because the others need the fixed Dice threshold
+    rows, counts = {}, []
+
+    def full_map_metrics(case):
+        score_map, mask = _read_case(pred_folder, ref_folder, case, file_ending)
+        counts.append(pro_counts(score_map, mask, thresholds))
+        rows[case] = {'case': case, 'pathological': True, 'n_lesion_voxels': lesion_voxels[case],
+                      'threshold_case': case in threshold_cases, 'auroc': float(roc_auc_score(*samples[case])),
+                      'auroc_up_to_fpr': auroc_up_to_fpr(*samples[case], max_fpr=max_fpr),
+                      'aupro_up_to_fpr': aupro_from_counts(*([c] for c in counts[-1]), max_fpr=max_fpr),
+                      'average_precision': float(average_precision_score(mask.ravel(), score_map.ravel()))}
+        return score_map, mask
+
+    dice_curves = [dice_at_thresholds(*full_map_metrics(case), candidates) for case in threshold_cases]
+    dice_threshold, _ = best_threshold_from_curves(candidates, dice_curves)
+    chosen = int(np.searchsorted(candidates, dice_threshold))
+    for case, curve in zip(threshold_cases, dice_curves):
+        rows[case]['dice'] = float(curve[chosen])
+    for case in held_out:
+        rows[case]['dice'] = float(dice_at_thresholds(*full_map_metrics(case), np.array([dice_threshold]))[0])
+    for case in normal:
+        rows[case] = {'case': case, 'pathological': False, 'n_lesion_voxels': 0, 'threshold_case': False,
+                      **{k: np.nan for k in PER_CASE_COLUMNS[4:]}}
+
+    held_out_dice = [rows[c]['dice'] for c in held_out]
+    summary = {
+        'n_cases': len(cases), 'n_pathological': len(pathological), 'n_normal': len(normal), 'normal_cases': normal,
+        'max_fpr': max_fpr,
+        'auroc': pooled_sampled_auroc(list(samples.values())),
+        'auroc_up_to_fpr': auroc_up_to_fpr(labels, scores, max_fpr),
+        'aupro_up_to_fpr': aupro_from_counts(*zip(*counts), max_fpr=max_fpr),
+        'auroc_per_case_mean': float(np.mean([rows[c]['auroc'] for c in pathological])),
+        'average_precision_mean': float(np.mean([rows[c]['average_precision'] for c in pathological])),
+        'dice_threshold': dice_threshold, 'threshold_cases': threshold_cases,
+        'dice_threshold_cases_mean': float(np.mean([rows[c]['dice'] for c in threshold_cases])),
+        'dice_mean': float(np.mean(held_out_dice)), 'dice_std': float(np.std(held_out_dice)),
+        'settings': {'n_voxels_per_side': n_voxels, 'seed': seed, 'n_thresholds': n_thresholds,
+                     'n_threshold_cases': n_threshold_cases, 'connectivity': 26, 'file_ending': file_ending,
+                     'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder)},
+    }
+    with atomic_path(os.path.join(output_folder, PER_CASE_FILE)) as tmp, open(tmp, 'w') as f:
+        f.write(_per_case_csv([rows[c] for c in cases]))
+    atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
+    if verbose:
+        _print_summary(summary)
+    return summary
+
+
+@exit_on_input_error
+def evaluate_entry():
+    parser = argparse.ArgumentParser(description='Evaluate Screener anomaly maps against pathology masks: voxel AUROC '
+                                                 '(sampled, pooled), AUROC/AUPRO up to FPR 0.3, AP, Dice at a '
+                                                 'threshold fixed on a few pathological cases.')
+    parser.add_argument('-pred', required=True, help='folder with <case>.nii.gz float anomaly maps')
+    parser.add_argument('-ref', required=True, help='folder with <case>.nii.gz reference masks (> 0 = pathology)')
+    parser.add_argument('-o', default=None, help='output folder for metrics_per_case.csv and summary.json '
+                                                 '(default: the -pred folder)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the voxel sampling and threshold-case choice')
+    parser.add_argument('--n_threshold_cases', type=int, default=10,
+                        help='pathological cases used to choose the Dice threshold (paper: 10)')
+    parser.add_argument('--n_voxels', type=int, default=1000,
+                        help='voxels sampled inside and outside the mask per image (paper: 1000)')
+    parser.add_argument('--max_fpr', type=float, default=0.3, help='FPR limit of AUROC/AUPRO (paper: 0.3)')
+    args = parser.parse_args()
+    evaluate_anomaly_maps(args.pred, args.ref, args.o, n_threshold_cases=args.n_threshold_cases, seed=args.seed,
+                          n_voxels=args.n_voxels, max_fpr=args.max_fpr)

@@ -1,0 +1,265 @@
+"""Tests of nnscreener.density: Screener's voxel-wise density models, sin-cos conditions and feature pooling."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from nnscreener.density import (ConditionalGaussianDensity, GaussianDensity, GlowDensity, build_density_model,
+                                pool_and_noise, sincos_condition_map, sincos_conditions)
+from nnscreener.density.flow import ActNorm
+from nnscreener.utilities.errors import ScreenerInputError
+
+D_Y, D_C = 4, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: thread start-up costs more than it saves (and the test machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb_(model, scale, seed=0):
+    """Adds noise to every parameter, so the zero-initialised output layers (identity maps) become non-trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += scale * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+    return model
+
+
+def _flow(conditional, d_y=D_Y, dtype=torch.float64, scale=0.3):
+    torch.manual_seed(0)
+    model = GlowDensity(d_y, D_C if conditional else 0, num_steps=3, hidden_channels=8)
+    return _perturb_(model.to(dtype), scale)
+
+
+def _maps(shape, conditional, dtype=torch.float64, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randn(shape, generator=generator, dtype=dtype)
+    c = torch.randn((shape[0], D_C, *shape[2:]), generator=generator, dtype=dtype) if conditional else None
+    return y, c
+
+
+def _closed_form_nll(y, mu, log_var):
+    """-log N(y; mu, diag(exp(log_var))) per voxel with scipy; inputs (B, d, z, y, x) broadcastable."""
+    y, mu, sd = np.broadcast_arrays(y.numpy(), mu.detach().numpy(), np.exp(0.5 * log_var.detach().numpy()))
+    return -stats.norm.logpdf(y, mu, sd).sum(1)
+
+
+def test_gaussian_nll_matches_closed_form():
+    model = GaussianDensity(D_Y).double()
+    with torch.no_grad():
+        model.mu[:] = torch.tensor([0.5, -1., 2., 0.])
+        model.log_var[:] = torch.tensor([0., 1., -2., 0.7])
+    y, _ = _maps((2, D_Y, 3, 4, 5), False)
+    expected = -stats.multivariate_normal(model.mu.detach().numpy(), np.diag(model.log_var.detach().exp().numpy())
+                                          ).logpdf(y.permute(0, 2, 3, 4, 1).numpy())
+    np.testing.assert_allclose(model.nll(y).detach().numpy(), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3])
+def test_conditional_gaussian_nll_matches_closed_form_and_uses_the_kernel_neighbourhood(kernel_size):
+    torch.manual_seed(0)
+    model = _perturb_(ConditionalGaussianDensity(D_Y, D_C, hidden_channels=8, kernel_size=kernel_size).double(), 0.3)
+    y, c = _maps((2, D_Y, 4, 4, 4), True)
+    mu, log_var = model.mean_and_log_var(c)
+    assert mu.shape == log_var.shape == y.shape and mu.std(dim=(2, 3, 4)).min() > 1e-3  # really depends on c
+    nll = model.nll(y, c)
+    np.testing.assert_allclose(nll.detach().numpy(), _closed_form_nll(y, mu, log_var), rtol=1e-10)
+    # a change of the condition at a neighbouring voxel reaches voxel (1, 1, 1) only through a 3x3x3 kernel
+    c_moved = c.clone()
+    c_moved[:, :, 1, 1, 2] += 1.
+    changed = (model.nll(y, c_moved) - nll)[:, 1, 1, 1].abs().max().item()
+    assert changed > 1e-6 if kernel_size == 3 else changed == 0.
+
+
+@pytest.mark.parametrize('conditional', [False, True])
+def test_flow_inverts_exactly(conditional):
+    model = _flow(conditional)
+    y, c = _maps((2, D_Y, 3, 4, 5), conditional)
+    z, _ = model(y, c)
+    assert (z - y).abs().max() > 0.1  # the flow is far from the identity
+    torch.testing.assert_close(model.inverse(z, c), y, atol=1e-10, rtol=0)
+    # float32 too
+    model32 = _flow(conditional, dtype=torch.float32)
+    y32, c32 = y.float(), None if c is None else c.float()
+    torch.testing.assert_close(model32.inverse(model32(y32, c32)[0], c32), y32, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('conditional', [False, True])
+def test_flow_logdet_equals_autograd_jacobian_and_voxels_are_independent(conditional):
+    model = _flow(conditional)
+    y, c = _maps((1, D_Y, 1, 1, 2), conditional)
+    jacobian = torch.autograd.functional.jacobian(lambda v: model(v, c)[0], y).reshape(2 * D_Y, 2 * D_Y)
+    jacobian = jacobian.reshape(D_Y, 2, D_Y, 2)  # (out channel, out voxel, in channel, in voxel)
+    _, logdet = model(y, c)
+    for voxel in range(2):
+        torch.testing.assert_close(torch.linalg.slogdet(jacobian[:, voxel, :, voxel])[1], logdet[0, 0, 0, voxel])
+        assert jacobian[:, voxel, :, 1 - voxel].abs().max() == 0  # no voxel sees another voxel's descriptor
+
+
+@pytest.mark.parametrize('conditional', [False, True])
+def test_flow_density_integrates_to_one(conditional):
+    model = _flow(conditional, d_y=2, scale=0.2)
+    step = 0.1
+    grid = torch.arange(-30., 30., step, dtype=torch.float64)
+    y = torch.stack(torch.meshgrid(grid, grid, indexing='ij'))[None, :, None]  # (1, 2, 1, n, n)
+    c = torch.tensor([0.7, -1.2, 0.3], dtype=torch.float64).view(1, 3, 1, 1, 1).expand(1, 3, *y.shape[2:]) \
+        if conditional else None
+    with torch.no_grad():
+        nll = model.nll(y, c)
+        z, logdet = model(y, c)
+    torch.testing.assert_close(nll, 0.5 * z.square().sum(1) + math.log(2 * math.pi) - logdet)
+    assert abs(torch.exp(-nll).sum().item() * step ** 2 - 1) < 0.01
+
+
+def test_marginal_gaussian_training_approaches_true_entropy():
+    torch.manual_seed(0)
+    mean, sd = torch.tensor([3., -2., 0.5, 1.]), torch.tensor([0.5, 2., 1., 0.2])
+    entropy = 0.5 * torch.log(2 * math.pi * math.e * sd ** 2).sum().item()
+    sample = lambda n: mean.view(1, -1, 1, 1, 1) + sd.view(1, -1, 1, 1, 1) * torch.randn(n, D_Y, 6, 6, 6)
+    model = GaussianDensity(D_Y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 250)  # decay: Adam's end noise stays small
+    initial = model.nll(sample(8)).mean().item()
+    for _ in range(250):
+        optimizer.zero_grad()
+        model.nll(sample(4)).mean().backward()
+        optimizer.step()
+        schedule.step()
+    final = model.nll(sample(32)).mean().item()
+    assert initial > entropy + 5 and abs(final - entropy) < 0.05
+
+
+@pytest.mark.parametrize('conditional_name, marginal_name', [('conditional_gaussian', 'gaussian'),
+                                                             ('conditional_flow', 'flow')])
+def test_conditional_model_learns_a_dependence_on_c_the_marginal_cannot(conditional_name, marginal_name):
+    torch.manual_seed(0)
+    weight = torch.randn(2, D_C)
+
+    def sample(n):  # y[p] = W c[p] + small noise: easy given c, broad without it
+        c = torch.randn(n, D_C, 4, 4, 4)
+        return torch.einsum('ij,bj...->bi...', weight, c) + 0.1 * torch.randn(n, 2, 4, 4, 4), c
+
+    losses = {}
+    for name in (conditional_name, marginal_name):
+        kwargs = {'gaussian': {}, 'conditional_gaussian': {'hidden_channels': 16},
+                  'flow': {'num_steps': 2, 'hidden_channels': 16}}
+        model = build_density_model(name, 2, D_C, **kwargs[name.removeprefix('conditional_')])
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(150):
+            y, c = sample(4)
+            optimizer.zero_grad()
+            model.nll(y, c if model.conditional else None).mean().backward()
+            optimizer.step()
+        y, c = sample(16)
+        losses[name] = model.nll(y, c if model.conditional else None).mean().item()
+    assert losses[conditional_name] < losses[marginal_name] - 2
+
+
+def test_initialize_from_data():
+    torch.manual_seed(0)
+    y = 5 + 3 * torch.randn(4, D_Y, 4, 4, 4)
+    c = torch.randn(4, D_C, 4, 4, 4)
+    gaussian = GaussianDensity(D_Y)
+    gaussian.initialize_from_data(y)
+    torch.testing.assert_close(gaussian.mu, y.mean(dim=(0, 2, 3, 4)))
+    torch.testing.assert_close(gaussian.log_var.exp(), y.var(dim=(0, 2, 3, 4), unbiased=False))
+    # the conditional Gaussian becomes that same marginal fit, for any c (even after its nets were trained)
+    conditional = _perturb_(ConditionalGaussianDensity(D_Y, D_C, hidden_channels=8), 0.3)
+    conditional.initialize_from_data(y, c)
+    torch.testing.assert_close(conditional.nll(y, c), gaussian.nll(y))
+    # Glow: every act-norm standardises its input batch; the NLL of unnormalised data drops a lot
+    for d_c in (0, D_C):
+        flow = _perturb_(GlowDensity(D_Y, d_c, num_steps=3, hidden_channels=8), 0.1)
+        c_flow = c if d_c else None
+        before = flow.nll(y, c_flow).mean().item()
+        flow.initialize_from_data(y, c_flow)
+        h = y
+        for layer in flow.layers:
+            h_next, _ = layer(h, c_flow)
+            if isinstance(layer, ActNorm):
+                torch.testing.assert_close(h_next.mean(dim=(0, 2, 3, 4)), torch.zeros(D_Y), atol=1e-5, rtol=0)
+                torch.testing.assert_close(h_next.std(dim=(0, 2, 3, 4), unbiased=False), torch.ones(D_Y))
+            h = h_next
+        assert flow.nll(y, c_flow).mean().item() < before - 5
+
+
+@pytest.mark.parametrize('name', ['gaussian', 'conditional_gaussian', 'flow', 'conditional_flow'])
+def test_bfloat16_autocast_keeps_nll_in_float32(name):
+    torch.manual_seed(0)
+    model = _perturb_(build_density_model(name, 8, D_C, **({} if name == 'gaussian' else {'hidden_channels': 16})),
+                      0.02)
+    y, c = _maps((2, 8, 4, 4, 4), model.conditional, dtype=torch.float32)
+    reference = model.nll(y, c)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        nll = model.nll(y.bfloat16(), None if c is None else c.bfloat16())
+        nll.mean().backward()
+    assert nll.dtype == torch.float32 and nll.shape == (2, 4, 4, 4)
+    # bf16 inputs lose ~3 significant digits; the reductions must not lose more
+    torch.testing.assert_close(nll, reference, rtol=2e-2, atol=0.1)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_factory_and_condition_checks():
+    for name, cls, conditional in [('gaussian', GaussianDensity, False),
+                                   ('conditional_gaussian', ConditionalGaussianDensity, True),
+                                   ('flow', GlowDensity, False), ('conditional_flow', GlowDensity, True)]:
+        model = build_density_model(name, D_Y, D_C)
+        assert isinstance(model, cls) and model.conditional == conditional
+        y, c = _maps((1, D_Y, 2, 2, 2), True, dtype=torch.float32)
+        with pytest.raises(ValueError, match='conditional' if conditional else 'marginal'):
+            model.nll(y, None if conditional else c)
+        assert model.nll(y, c if conditional else None).shape == (1, 2, 2, 2)
+    with pytest.raises(ScreenerInputError, match='unknown density model'):
+        build_density_model('mixture', D_Y, D_C)
+    with pytest.raises(ScreenerInputError, match='d_c >= 1'):
+        build_density_model('conditional_flow', D_Y, 0)
+
+
+def test_sincos_conditions_layout():
+    # d_c = 32: 16 sin-cos pairs, 6 for z, 5 for y, 5 for x; the first frequency of every axis is 1
+    encoding = sincos_conditions(torch.tensor([0.3, 1.1, -2.]), 32)
+    assert encoding.shape == (32,)
+    torch.testing.assert_close(encoding[[0, 6, 12, 17, 22, 27]],
+                               torch.tensor([math.sin(0.3), math.cos(0.3), math.sin(1.1), math.cos(1.1),
+                                             math.sin(-2.), math.cos(-2.)]))
+    torch.testing.assert_close(encoding[5], torch.tensor(math.sin(0.3 * 10000 ** (-5 / 6))))
+    with pytest.raises(ScreenerInputError):
+        sincos_conditions(torch.zeros(3), 7)
+
+
+@pytest.mark.parametrize('stride', [(1, 1, 1), (2, 3, 3)])
+def test_sincos_condition_map_of_a_crop_equals_the_whole_volume_map(stride):
+    whole_shape, d_c = (12, 15, 18), 18
+    whole = sincos_condition_map((0, 0, 0), whole_shape, d_c, stride)
+    assert whole.shape == (d_c, *[n // s for n, s in zip(whole_shape, stride)])
+    # a crop starting on the pooling grid sees exactly the whole volume's cells
+    start, crop_shape = (4, 6, 3), (6, 6, 9)
+    cells = [slice(a // s, (a + n) // s) for a, n, s in zip(start, crop_shape, stride)]
+    torch.testing.assert_close(sincos_condition_map(start, crop_shape, d_c, stride), whole[(slice(None), *cells)],
+                               rtol=0, atol=0)
+    # convention: each pooled cell is encoded at the mean absolute position of the voxels it averages
+    start = (-1, 5, 2)  # anywhere, even partly outside the volume
+    positions = torch.stack(torch.meshgrid(*[torch.arange(a, a + n, dtype=torch.float64)
+                                             for a, n in zip(start, crop_shape)], indexing='ij'))
+    centres = F.avg_pool3d(positions[None], stride, stride)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close(sincos_condition_map(start, crop_shape, d_c, stride),
+                               sincos_conditions(centres, d_c).permute(3, 0, 1, 2))
+
+
+def test_pool_and_noise():
+    features = torch.randn(2, 3, 4, 6, 10)
+    pooled = pool_and_noise(features, noise_sd=0)
+    assert pooled.shape == (2, 3, 2, 2, 3)
+    torch.testing.assert_close(pooled[:, :, 1, 0, 2], features[:, :, 2:4, 0:3, 6:9].mean(dim=(2, 3, 4)))
+    noisy = pool_and_noise(features, noise_sd=0.1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy, pool_and_noise(features, generator=torch.Generator().manual_seed(3)))
+    big = torch.zeros(1, 4, 40, 60, 60)
+    assert abs(pool_and_noise(big).std().item() - 0.1) < 0.005
