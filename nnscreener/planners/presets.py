@@ -1,0 +1,95 @@
+"""Presets of nnscreener: network size, patch and the Screener hyper-parameters, recorded in the plans.
+
+`default` is the paper's scale (SPEC.md / screener-iclr.txt appendix); `tiny` keeps every code path but runs on a
+CPU in seconds (tests, the phantom demo). The `screener` block of `nnScreenerPlans.json` holds the chosen preset's
+values so every later stage (pretraining, inference) reads its settings from the plans and not from the CLI.
+"""
+from copy import deepcopy
+
+SCREENER_SPACING = (2.25, 1.5, 1.5)  # (z, y, x) mm, the paper's 1.5 x 1.5 x 2.25 mm (x, y, z)
+CT_CLIP_RANGE = (-1000.0, 300.0)  # HU, clipped then rescaled to [0, 1]
+BODY_THRESHOLD_HU = -500.0  # "dense foreground" of the paper
+
+PRESETS = {
+    'default': {
+        'patch_size': (64, 96, 96),
+        'base_num_features': 32,
+        'max_num_features': 320,
+        'finetune_batch_size': 2,
+        'descriptor_dim': 32,
+        'condition_dim': 32,
+        'ssl': {
+            'batch_size': 8,  # m CTs per step, two crops each
+            'positive_pairs': 8192,  # N = n * m
+            'num_steps': 300_000,
+            'warmup_steps': 10_000,
+            'lr': 3e-4,
+            'weight_decay': 1e-6,
+            'grad_clip': 1.0,
+            'loss': 'vicreg',
+            'expander_dims': (8192, 8192, 8192),
+            'mask_ratio': 0.6,
+            'mask_block_size': (16, 24, 24),
+        },
+        'density': {
+            'model': 'conditional_gaussian',
+            'condition': 'learned',
+            'batch_size': 4,
+            'num_steps': 500_000,
+            'warmup_steps': 10_000,
+            'lr': 3e-4,
+            'pool_stride': (2, 3, 3),
+            'noise_sd': 0.1,
+        },
+        'distillation': {
+            'num_steps': 100_000,
+            'warmup_steps': 5_000,
+            'lr': 3e-4,
+        },
+        'checkpoint_every': 1000,
+    },
+    'tiny': {
+        'patch_size': (32, 48, 48),
+        'base_num_features': 4,
+        'max_num_features': 32,
+        'finetune_batch_size': 2,
+        'descriptor_dim': 8,
+        'condition_dim': 8,
+        'ssl': {
+            'batch_size': 2,
+            'positive_pairs': 512,
+            'num_steps': 40,
+            'warmup_steps': 4,
+            'lr': 3e-3,
+            'weight_decay': 1e-6,
+            'grad_clip': 1.0,
+            'loss': 'vicreg',
+            'expander_dims': (64, 64),
+            'mask_ratio': 0.6,
+            'mask_block_size': (8, 12, 12),
+        },
+        'density': {
+            'model': 'conditional_gaussian',
+            'condition': 'learned',
+            'batch_size': 2,
+            'num_steps': 40,
+            'warmup_steps': 4,
+            'lr': 3e-3,
+            'pool_stride': (2, 3, 3),
+            'noise_sd': 0.1,
+        },
+        'distillation': {
+            'num_steps': 40,
+            'warmup_steps': 4,
+            'lr': 3e-3,
+        },
+        'checkpoint_every': 10,
+    },
+}
+
+
+def get_preset(name: str) -> dict:
+    if name not in PRESETS:
+        from nnscreener.utilities.errors import ScreenerInputError
+        raise ScreenerInputError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    return deepcopy(PRESETS[name])

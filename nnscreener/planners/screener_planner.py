@@ -1,0 +1,127 @@
+"""The Screener experiment planner: nnU-Net's planner with the paper's fixed spacing, patch and CT intensities.
+
+Only `3d_fullres` is planned. The UNet topology (stages, strides, kernels) comes from nnU-Net's own
+`get_pool_and_conv_props` for the fixed patch; the preprocessor and normalisation keep nnU-Net's stock names
+(`DefaultPreprocessor`, `CTNormalization`) so stock `nnUNetv2_train` / `nnUNetv2_predict` run on these plans.
+"""
+import shutil
+from os.path import join
+from typing import Union
+
+import numpy as np
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op, get_matching_instancenorm
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.paths import nnUNet_preprocessed
+
+from nnscreener.planners.presets import CT_CLIP_RANGE, SCREENER_SPACING, get_preset
+
+SCREENER_PLANS_NAME = 'nnScreenerPlans'
+CONFIGURATION = '3d_fullres'
+
+
+def ct_intensity_properties() -> dict:
+    """Intensity properties that make nnU-Net's CTNormalization compute clip([-1000, 300]) -> [0, 1].
+
+    CTNormalization does clip(x, p00_5, p99_5), then (x - mean) / std; with mean = -1000 and std = 1300 that is
+    exactly the paper's clip-and-rescale.
+    """
+    low, high = CT_CLIP_RANGE
+    return {'mean': low, 'std': high - low, 'percentile_00_5': low, 'percentile_99_5': high,
+            'min': low, 'max': high, 'median': (low + high) / 2}
+
+
+class nnScreenerPlanner(ExperimentPlanner):
+    def __init__(self, dataset_name_or_id: Union[str, int], preset: str = 'default',
+                 plans_name: str = SCREENER_PLANS_NAME):
+        # Screener works in (z, y, x) at a fixed spacing: nnU-Net's axis transpose would only confuse the crop maths
+        super().__init__(dataset_name_or_id, plans_name=plans_name, suppress_transpose=True,
+                         overwrite_target_spacing=[float(s) for s in SCREENER_SPACING])
+        self.preset_name = preset
+        self.preset = get_preset(preset)
+        self.UNet_class = PlainConvUNet
+        self.UNet_base_num_features = self.preset['base_num_features']
+        self.UNet_max_features_3d = self.preset['max_num_features']
+
+    def determine_fullres_target_spacing(self) -> np.ndarray:
+        return np.array(SCREENER_SPACING, dtype=float)
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
+                                    _cache) -> dict:
+        patch_size = self.preset['patch_size']
+        _, strides, kernels, topology_patch, _ = get_pool_and_conv_props(
+            list(spacing), list(patch_size), self.UNet_featuremap_min_edge_length, 999999)
+        # the paper's patch is divisible by its strides; a preset that is not would silently change the patch
+        assert tuple(topology_patch) == tuple(patch_size), (patch_size, topology_patch)
+        n_stages = len(strides)
+        conv_op = convert_dim_to_conv_op(3)
+        norm = get_matching_instancenorm(conv_op)
+        features = [min(self.UNet_max_features_3d, self.UNet_base_num_features * 2 ** i) for i in range(n_stages)]
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
+        resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
+        return {
+            'data_identifier': data_identifier,
+            'preprocessor_name': self.preprocessor_name,
+            'batch_size': self.preset['finetune_batch_size'],
+            'patch_size': list(patch_size),
+            'median_image_size_in_voxels': [float(i) for i in median_shape],
+            'spacing': [float(i) for i in spacing],
+            'normalization_schemes': ['CTNormalization'],
+            'use_mask_for_norm': [False],
+            'resampling_fn_data': resampling_data.__name__,
+            'resampling_fn_seg': resampling_seg.__name__,
+            'resampling_fn_data_kwargs': resampling_data_kwargs,
+            'resampling_fn_seg_kwargs': resampling_seg_kwargs,
+            'resampling_fn_probabilities': resampling_softmax.__name__,
+            'resampling_fn_probabilities_kwargs': resampling_softmax_kwargs,
+            'architecture': {
+                'network_class_name': self.UNet_class.__module__ + '.' + self.UNet_class.__name__,
+                'arch_kwargs': {
+                    'n_stages': n_stages,
+                    'features_per_stage': features,
+                    'conv_op': conv_op.__module__ + '.' + conv_op.__name__,
+                    'kernel_sizes': kernels,
+                    'strides': strides,
+                    'n_conv_per_stage': list(self.UNet_blocks_per_stage_encoder[:n_stages]),
+                    'n_conv_per_stage_decoder': list(self.UNet_blocks_per_stage_decoder[:n_stages - 1]),
+                    'conv_bias': True,
+                    'norm_op': norm.__module__ + '.' + norm.__name__,
+                    'norm_op_kwargs': {'eps': 1e-5, 'affine': True},
+                    'dropout_op': None,
+                    'dropout_op_kwargs': None,
+                    'nonlin': 'torch.nn.LeakyReLU',
+                    'nonlin_kwargs': {'inplace': True},
+                },
+                '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin'],
+            },
+            'batch_dice': False,
+        }
+
+    def plan_experiment(self) -> dict:
+        spacing = self.determine_fullres_target_spacing()
+        new_shapes = [np.array(shape) * np.array(sp) / spacing for sp, shape in
+                      zip(self.dataset_fingerprint['spacings'], self.dataset_fingerprint['shapes_after_crop'])]
+        median_shape = np.median(new_shapes, 0)
+        fullres = self.get_plans_for_configuration(spacing, median_shape, self.generate_data_identifier(CONFIGURATION),
+                                                   0.0, {})
+        plans = {
+            'dataset_name': self.dataset_name,
+            'plans_name': self.plans_identifier,
+            'original_median_spacing_after_transp': [float(i) for i in np.median(self.dataset_fingerprint['spacings'], 0)],
+            'original_median_shape_after_transp': [int(round(i)) for i in np.median(self.dataset_fingerprint['shapes_after_crop'], 0)],
+            'image_reader_writer': self.determine_reader_writer().__name__,
+            'transpose_forward': [0, 1, 2],
+            'transpose_backward': [0, 1, 2],
+            'configurations': {CONFIGURATION: fullres},
+            'experiment_planner_used': self.__class__.__name__,
+            'label_manager': 'LabelManager',
+            'foreground_intensity_properties_per_channel': {'0': ct_intensity_properties()},
+            'screener': {'preset': self.preset_name, **self.preset},
+        }
+        # trainers read dataset.json from the preprocessed folder, as with nnU-Net's own planner
+        shutil.copy(join(self.raw_dataset_folder, 'dataset.json'),
+                    join(nnUNet_preprocessed, self.dataset_name, 'dataset.json'))
+        self.plans = plans
+        self.save_plans(plans)
+        return plans

@@ -1,0 +1,86 @@
+"""Checks of raw CT datasets before anything is written: one actionable line per problem.
+
+nnU-Net itself would fail later with a long traceback (or, for NaN voxels, not at all and train on garbage).
+"""
+from os.path import isdir, isfile, join
+from typing import Dict, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from tqdm import tqdm
+
+from nnscreener.utilities.errors import ScreenerInputError
+
+
+def load_ct_dataset_json(raw_folder: str) -> dict:
+    fname = join(raw_folder, 'dataset.json')
+    if not isfile(fname):
+        raise ScreenerInputError(f'{fname} is missing; every nnU-Net raw dataset needs a dataset.json')
+    dataset_json = load_json(fname)
+    channels = dataset_json.get('channel_names', dataset_json.get('modality', {}))
+    if len(channels) != 1 or str(list(channels.values())[0]).upper() != 'CT':
+        raise ScreenerInputError(f'{fname}: Screener needs exactly one CT channel (channel_names {{"0": "CT"}}), '
+                                 f'found {channels}')
+    return dataset_json
+
+
+def read_ct_image(fname: str) -> sitk.Image:
+    if not isfile(fname):
+        raise ScreenerInputError(f'{fname} does not exist')
+    try:
+        return sitk.ReadImage(fname)
+    except RuntimeError as e:
+        raise ScreenerInputError(f'cannot read {fname}: file is corrupt or not an image '
+                                 f'({str(e).strip().splitlines()[-1]})')
+
+
+def check_ct_image(image: sitk.Image, fname: str, patch_size: Sequence[int] = None,
+                   target_spacing: Sequence[float] = None) -> None:
+    """3D, one channel, finite; optionally at least one patch large after resampling to `target_spacing` (z,y,x)."""
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+        raise ScreenerInputError(f'{fname} has size {image.GetSize()}: Screener needs 3D CT volumes, not 2D images')
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ScreenerInputError(f'{fname} has {image.GetNumberOfComponentsPerPixel()} components per voxel: '
+                                 f'Screener needs single-channel CT in HU')
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ScreenerInputError(f'{fname} contains {int((~np.isfinite(array)).sum())} NaN/inf voxels: '
+                                 f'fill them (e.g. with -1000 HU) before planning')
+    if patch_size is not None:
+        shape = resampled_shape(image, target_spacing)
+        if any(s < p for s, p in zip(shape, patch_size)):
+            raise ScreenerInputError(
+                f'{fname} is {tuple(shape)} voxels (z, y, x) at {tuple(target_spacing)} mm, smaller than the patch '
+                f'{tuple(patch_size)}; remove it, or pass --allow_small_images to zero-pad it like nnU-Net does')
+
+
+def resampled_shape(image: sitk.Image, target_spacing: Sequence[float]) -> np.ndarray:
+    size_zyx = np.array(image.GetSize()[::-1], dtype=float)
+    spacing_zyx = np.array(image.GetSpacing()[::-1], dtype=float)
+    return np.round(size_zyx * spacing_zyx / np.array(target_spacing)).astype(int)
+
+
+def check_raw_ct_dataset(raw_folder: str, require_labels: bool, patch_size: Sequence[int] = None,
+                         target_spacing: Sequence[float] = None) -> Dict[str, dict]:
+    """Validates every image (and label) of a raw dataset; returns nnU-Net's {case: {'images', 'label'}} dict."""
+    dataset_json = load_ct_dataset_json(raw_folder)
+    if not isdir(join(raw_folder, 'imagesTr')):
+        raise ScreenerInputError(f'{raw_folder}/imagesTr is missing')
+    cases = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)
+    if not cases:
+        raise ScreenerInputError(f'{raw_folder}/imagesTr has no images ending in {dataset_json["file_ending"]}')
+    for case, files in tqdm(cases.items(), desc=f'checking {raw_folder}', leave=False):
+        image = read_ct_image(files['images'][0])
+        check_ct_image(image, files['images'][0], patch_size, target_spacing)
+        if require_labels:
+            check_label_matches(image, files['label'])
+    return cases
+
+
+def check_label_matches(image: sitk.Image, label_file: str) -> None:
+    label = read_ct_image(label_file)
+    if label.GetSize() != image.GetSize() or not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3):
+        raise ScreenerInputError(f'{label_file}: size/spacing {label.GetSize()}/{label.GetSpacing()} differ from '
+                                 f'its image {image.GetSize()}/{image.GetSpacing()}')

@@ -1,0 +1,58 @@
+"""Low-shot fine-tuning trainers: from the distilled Screener UNet, and from scratch with the same schedule.
+
+Both differ from nnUNetTrainer only in the schedule, so a comparison isolates the pretraining. The distilled weights
+come in through stock `-pretrained_weights`; nnU-Net's loader skips the `seg_layers`, which are thus re-initialised.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnscreener.training.lr_schedule import WarmupDecayLRScheduler
+
+
+class nnScreenerFromScratchTrainer(nnUNetTrainer):
+    """nnU-Net from random init with the low-shot schedule: 25 training cases do not need 1000 x 250 iterations.
+
+    The linear warm-up (as in nnU-Net's nnUNetTrainer_warmup) protects pretrained features from the first large SGD
+    steps; it is used from scratch too so that only the initialisation differs.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 300
+        self.warmup_epochs = 20
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        return optimizer, WarmupDecayLRScheduler(optimizer, self.initial_lr, self.warmup_epochs, self.num_epochs,
+                                                 decay='poly')
+
+
+class nnScreenerFinetuneTrainer(nnScreenerFromScratchTrainer):
+    """Use with `-pretrained_weights <distilled checkpoint_final.pth>`."""
+
+
+class nnScreenerFromScratchTrainer_100epochs(nnScreenerFromScratchTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.warmup_epochs = 100, 10
+
+
+class nnScreenerFinetuneTrainer_100epochs(nnScreenerFromScratchTrainer_100epochs):
+    pass
+
+
+class nnScreenerFromScratchTrainer_tiny(nnScreenerFromScratchTrainer):
+    """A CPU smoke-test schedule (tests, the phantom demo): 2 epochs of 3 iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.warmup_epochs = 2, 1
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 3, 1
+
+
+class nnScreenerFinetuneTrainer_tiny(nnScreenerFromScratchTrainer_tiny):
+    pass

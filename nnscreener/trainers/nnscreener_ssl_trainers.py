@@ -1,0 +1,38 @@
+"""Stages 1 and 2 of Screener: the descriptor and the masking-invariant condition model (dense SSL)."""
+from nnscreener.ssl.losses import build_ssl_loss
+from nnscreener.ssl.masking import BlockMasking
+from nnscreener.ssl.objective import DenseSSLObjective
+from nnscreener.training.data_loaders import CropPairLoader, multiprocess_loader
+from nnscreener.training.networks import build_plans_unet
+from nnscreener.training.stage_trainer import nnScreenerStageTrainer
+
+
+class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
+    """f_desc: the plans' UNet with a d_desc-channel full-resolution head, trained with dense VICReg/InfoNCE."""
+    stage = 'ssl'
+    feature_dim_key = 'descriptor_dim'
+
+    def build_objective(self):
+        dim = self.screener[self.feature_dim_key]
+        network = build_plans_unet(self.configuration_manager, dim)
+        loss_kwargs = {'expander_dims': self.hparams['expander_dims']} if self.hparams['loss'] == 'vicreg' else {}
+        return DenseSSLObjective(network, build_ssl_loss(self.hparams['loss'], dim, **loss_kwargs),
+                                 self.build_masking())
+
+    def build_masking(self):
+        return None
+
+    def build_loader(self, seed: int):
+        batch_size = self.per_rank_batch_size(self.hparams['batch_size'])
+        pairs_per_image = self.hparams['positive_pairs'] // self.hparams['batch_size']
+        loader = CropPairLoader(self.screener_cache(), batch_size, self.configuration_manager.patch_size,
+                                pairs_per_image, seed)
+        return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
+
+
+class nnScreenerConditionTrainer(nnScreenerDescriptorTrainer):
+    """g_cond: same training plus random block masking, so its features ignore local (pathological) content."""
+    feature_dim_key = 'condition_dim'
+
+    def build_masking(self):
+        return BlockMasking(self.hparams['mask_block_size'], self.hparams['mask_ratio'])

@@ -1,0 +1,209 @@
+"""Base class of the Screener stage trainers (descriptor, condition, density, distillation).
+
+A Screener stage is an nnU-Net trainer: same folder layout in nnUNet_results, checkpoint format, log file, DDP and
+`--c` semantics, found by stock tooling. What differs from segmentation training is the loop: the paper counts
+optimiser *steps* (300k SSL steps), so the loop is step-based, checkpoints every `checkpoint_every` steps
+atomically, and a resumed run continues step counter, optimiser, lr schedule and RNG states.
+
+A subclass provides `build_objective()` (an nn.Module whose forward(batch) returns (loss, logs) and whose
+`.network` is the UNet stored as `network_weights`) and `build_loader()`.
+"""
+import os
+import random
+from abc import ABCMeta, abstractmethod
+import time
+from os.path import isfile, join
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context, empty_cache
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
+from nnscreener.training.lr_schedule import WarmupDecayLRScheduler
+from nnscreener.training.progress import LossHistory
+from nnscreener.utilities.io import atomic_path
+
+LOG_EVERY = 10
+
+
+class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
+    stage = None  # key of the plans' `screener` block with this stage's hyper-parameters ('ssl', ...)
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.screener = self.plans_manager.plans['screener']
+        self.hparams = self.screener[self.stage]
+        self.num_steps = int(self.hparams['num_steps'])
+        self.checkpoint_every = int(self.screener['checkpoint_every'])
+        self.current_step = 0
+        self.seed = 12345
+        self.enable_deep_supervision = False
+        self.history = LossHistory()
+        self.objective = None
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError('trainer already initialized')
+        torch.manual_seed(self.seed + self.local_rank)
+        self.objective = self.build_objective().to(self.device)
+        self.network = self.objective.network
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self.trained = self.objective
+        if self.is_ddp:
+            self.trained = DDP(self.objective, device_ids=[self.local_rank] if self.device.type == 'cuda' else None)
+        if self._do_i_compile():
+            self.print_to_log_file('Using torch.compile on the network')
+            self.objective.network = torch.compile(self.objective.network)
+        self.was_initialized = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams['lr'], weight_decay=self.hparams.get('weight_decay', 0))
+        return optimizer, WarmupDecayLRScheduler(optimizer, self.hparams['lr'], self.hparams['warmup_steps'],
+                                                 self.num_steps, decay='cosine')
+
+    def screener_cache(self) -> ScreenerCache:
+        return ScreenerCache(screener_cache_folder(self.preprocessed_dataset_folder_base, self.configuration_manager))
+
+    def per_rank_batch_size(self, batch_size: int) -> int:
+        world = dist.get_world_size() if self.is_ddp else 1
+        return max(1, batch_size // world)
+
+    @abstractmethod
+    def build_objective(self) -> nn.Module:
+        """nn.Module with `.network`; forward(batch of tensors) -> (loss, dict of floats to log)."""
+
+    @abstractmethod
+    def build_loader(self, seed: int):
+        """Infinite iterator of numpy batches (dicts), see nnscreener.training.data_loaders."""
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def run_training(self):
+        if not self.was_initialized:
+            self.initialize()
+        maybe_mkdir_p(self.output_folder)
+        save_json(self.plans_manager.plans, join(self.output_folder_base, 'plans.json'), sort_keys=False)
+        save_json(self.dataset_json, join(self.output_folder_base, 'dataset.json'), sort_keys=False)
+        # a resumed run draws new (but reproducible) data: the loader's workers cannot be checkpointed
+        loader = self.build_loader(seed=self.seed + 1000 * self.current_step + self.local_rank)
+        self.print_to_log_file(f'{self.__class__.__name__}: steps {self.current_step} -> {self.num_steps}')
+        self.objective.train()
+        t0, step0 = time.time(), self.current_step
+        while self.current_step < self.num_steps:
+            self.lr_scheduler.step(self.current_step)
+            logs = self.train_step(next(loader))
+            self.current_step += 1
+            self.history.append(self.current_step, logs)
+            if self.current_step % LOG_EVERY == 0 or self.current_step == self.num_steps:
+                self._log_progress(t0, step0)
+            if self.current_step % self.checkpoint_every == 0 and self.current_step < self.num_steps:
+                self.save_checkpoint(join(self.output_folder, 'checkpoint_latest.pth'))
+        self.save_checkpoint(join(self.output_folder, 'checkpoint_final.pth'))
+        if self.local_rank == 0 and isfile(join(self.output_folder, 'checkpoint_latest.pth')):
+            os.remove(join(self.output_folder, 'checkpoint_latest.pth'))
+        _shutdown(loader)
+        empty_cache(self.device)
+
+    def train_step(self, batch: dict) -> dict:
+        batch = {k: torch.as_tensor(v).to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, logs = self.trained(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.hparams.get('grad_clip', 1.0))
+        self.optimizer.step()
+        return {'loss': loss.item(), **{k: float(v) for k, v in logs.items()}}
+
+    def autocast(self):
+        # bf16 needs no grad scaler; on CPU autocast is slow, so it is CUDA-only like in nnU-Net
+        if self.device.type == 'cuda':
+            return torch.autocast('cuda', dtype=torch.bfloat16)
+        return dummy_context()
+
+    def _log_progress(self, t0: float, step0: int):
+        rate = (self.current_step - step0) / max(time.time() - t0, 1e-9)
+        eta = (self.num_steps - self.current_step) / max(rate, 1e-9)
+        means = self.history.recent_means(LOG_EVERY)
+        self.print_to_log_file(f'step {self.current_step}/{self.num_steps} ' +
+                               ' '.join(f'{k} {v:.4f}' for k, v in means.items()) +
+                               f" lr {self.optimizer.param_groups[0]['lr']:.2e} {rate:.2f} steps/s ETA {eta / 60:.1f} min")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Screener stages have no segmentation validation; the stage's own checks live in the tests/benchmarks."""
+        self.print_to_log_file(f'{self.__class__.__name__}: no segmentation validation for a Screener stage')
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        network = self.objective.network
+        network = getattr(network, '_orig_mod', network)
+        checkpoint = {
+            'network_weights': network.state_dict(),  # nnU-Net's key: loads via -pretrained_weights
+            'optimizer_state': self.optimizer.state_dict(),
+            'grad_scaler_state': None,
+            'logging': self.logger.get_checkpoint(),
+            '_best_ema': None,
+            'current_epoch': self.current_step,
+            'init_args': self.my_init_kwargs,
+            'trainer_name': self.__class__.__name__,
+            'inference_allowed_mirroring_axes': None,
+            'screener': {
+                'stage': self.stage,
+                'step': self.current_step,
+                'objective_weights': _uncompiled_state_dict(self.objective),
+                'history': self.history.state_dict(),
+                'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()},
+                'plans_screener': self.screener,
+            },
+        }
+        with atomic_path(filename) as tmp:
+            torch.save(checkpoint, tmp)
+        self.history.plot(join(self.output_folder, 'progress.png'), title=self.__class__.__name__)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        state = checkpoint['screener']
+        _load_uncompiled_state_dict(self.objective, state['objective_weights'])
+        self.optimizer.load_state_dict(checkpoint['optimizer_state'])
+        self.current_step = state['step']
+        self.history.load_state_dict(state['history'])
+        torch.set_rng_state(state['rng']['torch'].cpu())
+        np.random.set_state(state['rng']['numpy'])
+        random.setstate(state['rng']['python'])
+        self.print_to_log_file(f'resumed from step {self.current_step}')
+
+
+def _uncompiled_state_dict(module: nn.Module) -> dict:
+    return {k.replace('_orig_mod.', ''): v for k, v in module.state_dict().items()}
+
+
+def _load_uncompiled_state_dict(module: nn.Module, state: dict) -> None:
+    own = {k.replace('_orig_mod.', ''): k for k in module.state_dict()}
+    module.load_state_dict({own[k]: v for k, v in state.items()})
+
+
+def _shutdown(loader) -> None:
+    if hasattr(loader, '_finish'):
+        loader._finish()
+
+
+def load_stage_network(checkpoint_file: str, device: torch.device) -> Tuple[dict, dict]:
+    """(checkpoint, screener block) of a finished stage; one line of advice when it is missing."""
+    from nnscreener.utilities.errors import ScreenerInputError
+    if not isfile(checkpoint_file):
+        raise ScreenerInputError(f'{checkpoint_file} missing: run nnScreener_pretrain for the earlier stages first')
+    checkpoint = torch.load(checkpoint_file, map_location=device, weights_only=False)
+    return checkpoint, checkpoint['screener']
