@@ -42,6 +42,7 @@ PRESETS = {
             'noise_sd': 0.1,
         },
         'distillation': {
+            'batch_size': 4,
             'num_steps': 100_000,
             'warmup_steps': 5_000,
             'lr': 3e-4,
@@ -49,7 +50,7 @@ PRESETS = {
         'checkpoint_every': 1000,
     },
     'tiny': {
-        'patch_size': (32, 48, 48),
+        'patch_size': (16, 32, 32),
         'base_num_features': 4,
         'max_num_features': 32,
         'finetune_batch_size': 2,
@@ -66,7 +67,7 @@ PRESETS = {
             'loss': 'vicreg',
             'expander_dims': (64, 64),
             'mask_ratio': 0.6,
-            'mask_block_size': (8, 12, 12),
+            'mask_block_size': (4, 8, 8),
         },
         'density': {
             'model': 'conditional_gaussian',
@@ -79,6 +80,7 @@ PRESETS = {
             'noise_sd': 0.1,
         },
         'distillation': {
+            'batch_size': 2,
             'num_steps': 40,
             'warmup_steps': 4,
             'lr': 3e-3,

@@ -52,7 +52,7 @@ def check_ct_image(image: sitk.Image, fname: str, patch_size: Sequence[int] = No
         shape = resampled_shape(image, target_spacing)
         if any(s < p for s, p in zip(shape, patch_size)):
             raise ScreenerInputError(
-                f'{fname} is {tuple(shape)} voxels (z, y, x) at {tuple(target_spacing)} mm, smaller than the patch '
+                f'{fname} is {tuple(int(s) for s in shape)} voxels (z, y, x) at {tuple(target_spacing)} mm, smaller than the patch '
                 f'{tuple(patch_size)}; remove it, or pass --allow_small_images to zero-pad it like nnU-Net does')
 
 

@@ -38,6 +38,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == 'cpu':  # nnU-Net assumes DDP means CUDA; we also run gloo on CPU
+            self.device = device
         self.screener = self.plans_manager.plans['screener']
         self.hparams = self.screener[self.stage]
         self.num_steps = int(self.hparams['num_steps'])

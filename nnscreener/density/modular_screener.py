@@ -1,0 +1,51 @@
+"""The modular Screener: descriptor -> condition -> density -> voxel-wise anomaly map (pure torch).
+
+Used as the density stage's feature extractor (frozen nets), as the distillation teacher and for modular inference.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnscreener.density.conditions import sincos_condition_map
+from nnscreener.density.pooling import pool_and_noise
+
+CONDITION_KINDS = ('learned', 'none', 'sincos')
+
+
+class ModularScreener(nn.Module):
+    def __init__(self, descriptor: nn.Module, density: nn.Module, condition_kind: str = 'learned',
+                 condition: Optional[nn.Module] = None, condition_dim: int = 0,
+                 pool_stride: Sequence[int] = (2, 3, 3)):
+        super().__init__()
+        if condition_kind not in CONDITION_KINDS:
+            raise ValueError(f'condition kind {condition_kind!r} not in {CONDITION_KINDS}')
+        self.descriptor, self.condition, self.density = descriptor, condition, density
+        self.condition_kind, self.condition_dim = condition_kind, condition_dim
+        self.pool_stride = tuple(pool_stride)
+
+    def features(self, clahe: torch.Tensor, crop_start: Optional[torch.Tensor] = None, noise_sd: float = 0.0):
+        """Pooled descriptors y and conditions c (or None) of CLAHE crops (B, 1, *patch).
+
+        crop_start (B, 3): voxel position of each crop in the whole volume, needed by sin-cos conditions only.
+        """
+        y = pool_and_noise(self.descriptor(clahe), self.pool_stride, noise_sd)
+        if self.condition_kind == 'learned':
+            return y, pool_and_noise(self.condition(clahe), self.pool_stride, noise_sd)
+        if self.condition_kind == 'sincos':
+            if crop_start is None:
+                raise ValueError('sin-cos conditions need the crop positions (crop_start)')
+            c = torch.stack([sincos_condition_map(tuple(s.tolist()), clahe.shape[2:], self.condition_dim,
+                                                  self.pool_stride, device=clahe.device) for s in crop_start])
+            return y, c.to(y.dtype)
+        return y, None
+
+    def forward(self, clahe: torch.Tensor, crop_start: Optional[torch.Tensor] = None,
+                upsample: bool = False) -> torch.Tensor:
+        """Anomaly map -log q(y | c) (B, 1, z', y', x') at the pooled resolution, or at the patch's if `upsample`."""
+        y, c = self.features(clahe, crop_start)
+        score = self.density.nll(y, c).unsqueeze(1)
+        if upsample:
+            score = F.interpolate(score, size=clahe.shape[2:], mode='trilinear', align_corners=False)
+        return score

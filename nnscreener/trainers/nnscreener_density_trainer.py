@@ -1,0 +1,57 @@
+"""Stage 3 of Screener: the voxel-wise density model q(y | c) on frozen descriptor and condition maps."""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nnscreener.density.modular_screener import ModularScreener
+from nnscreener.training.data_loaders import CLAHE, RandomCropLoader, multiprocess_loader
+from nnscreener.training.stage_trainer import nnScreenerStageTrainer
+from nnscreener.training.stages import density_from_block, modular_screener
+
+
+class DensityObjective(nn.Module):
+    """Mean voxel-wise NLL of pooled, noised (sd 0.1) descriptors given conditions; only the density model trains.
+
+    The density model is initialised from the first batch (maximum-likelihood Gaussian / act-norm statistics): it
+    starts near the data instead of at N(0, I), which saves many steps. `initialized` is a buffer, so a resumed run
+    does not redo it.
+    """
+
+    def __init__(self, screener: ModularScreener, noise_sd: float):
+        super().__init__()
+        self.screener, self.noise_sd = screener, noise_sd
+        self.network = screener.density
+        self.register_buffer('initialized', torch.tensor(False))
+
+    def forward(self, batch: dict):
+        with torch.no_grad():
+            y, c = self.screener.features(batch['data'][:, CLAHE:CLAHE + 1], batch['crop_start'], self.noise_sd)
+        y, c = y.float(), (c.float() if c is not None else None)
+        if not self.initialized:
+            self._initialize(y, c)
+        nll = self.network.nll(y, c)
+        return nll.mean(), {}
+
+    @torch.no_grad()
+    def _initialize(self, y, c):
+        self.network.initialize_from_data(y, c)
+        if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's initialisation
+            for p in self.network.parameters():
+                dist.broadcast(p.data, 0)
+        self.initialized.fill_(True)
+
+
+class nnScreenerDensityTrainer(nnScreenerStageTrainer):
+    stage = 'density'
+
+    def build_objective(self):
+        kind = self.hparams['condition']
+        density = density_from_block(self.screener, kind)
+        screener = modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.screener,
+                                    self.device, density=density)
+        return DensityObjective(screener, self.hparams['noise_sd'])
+
+    def build_loader(self, seed: int):
+        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
+                                  self.configuration_manager.patch_size, seed)
+        return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')

@@ -1,0 +1,71 @@
+"""Where each Screener stage lives in nnUNet_results, and loading finished stages as frozen modules."""
+import os
+from os.path import join
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnscreener.density.factory import build_density_model
+from nnscreener.density.modular_screener import ModularScreener
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.training.networks import build_plans_unet
+from nnscreener.training.stage_trainer import load_stage_network
+
+STAGE_TRAINERS = {
+    'descriptor': 'nnScreenerDescriptorTrainer',
+    'condition': 'nnScreenerConditionTrainer',
+    'density': 'nnScreenerDensityTrainer',
+    'distillation': 'nnScreenerDistillationTrainer',
+}
+PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to validate against
+
+
+def stage_folder(dataset_name: str, stage: str) -> str:
+    trainer = STAGE_TRAINERS[stage]
+    return join(os.environ['nnUNet_results'], dataset_name, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
+                f'fold_{PRETRAIN_FOLD}')
+
+
+def stage_checkpoint(dataset_name: str, stage: str) -> str:
+    return join(stage_folder(dataset_name, stage), 'checkpoint_final.pth')
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_frozen_unet(dataset_name: str, stage: str, configuration_manager: ConfigurationManager, output_channels: int,
+                     device: torch.device) -> nn.Module:
+    checkpoint, _ = load_stage_network(stage_checkpoint(dataset_name, stage), device)
+    network = build_plans_unet(configuration_manager, output_channels)
+    network.load_state_dict(checkpoint['network_weights'])
+    return freeze(network.to(device))
+
+
+def density_from_block(screener: dict, condition_kind: str) -> nn.Module:
+    d_c = screener['condition_dim'] if condition_kind != 'none' else 0
+    name = screener['density']['model']
+    if condition_kind == 'none':
+        name = name.replace('conditional_', '')
+    return build_density_model(name, screener['descriptor_dim'], d_c)
+
+
+def modular_screener(dataset_name: str, configuration_manager: ConfigurationManager, screener: dict,
+                     device: torch.device, density: nn.Module = None) -> ModularScreener:
+    """Frozen descriptor (+ condition) of the finished SSL stages with `density` (default: the trained one)."""
+    kind = screener['density']['condition']
+    descriptor = load_frozen_unet(dataset_name, 'descriptor', configuration_manager, screener['descriptor_dim'], device)
+    condition = None
+    if kind == 'learned':
+        condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, screener['condition_dim'], device)
+    if density is None:
+        checkpoint, _ = load_stage_network(stage_checkpoint(dataset_name, 'density'), device)
+        density = density_from_block(screener, kind)
+        density.load_state_dict(checkpoint['network_weights'])
+        density = freeze(density)
+    return ModularScreener(descriptor, density.to(device), kind, condition, screener['condition_dim'],
+                           screener['density']['pool_stride']).to(device)
