@@ -50,7 +50,7 @@ PRESETS = {
         'checkpoint_every': 1000,
     },
     'tiny': {
-        'patch_size': (16, 32, 32),
+        'patch_size': (16, 24, 24),  # divisible by the pooling stride (2, 3, 3)
         'base_num_features': 4,
         'max_num_features': 32,
         'finetune_batch_size': 2,

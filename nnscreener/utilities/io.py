@@ -18,6 +18,7 @@ def atomic_path(fname: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets the usual permissions
         os.replace(tmp, fname)
     finally:
         if os.path.exists(tmp):
@@ -34,3 +35,9 @@ def atomic_save_json(obj, fname: str) -> None:
     with atomic_path(fname) as tmp:
         with open(tmp, 'w') as f:
             json.dump(obj, f, indent=2)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,226 @@
+"""Whole-CT anomaly maps: preprocess like nnU-Net, sliding window, back to the input geometry, NIfTI + scan scores.
+
+The model is anything implementing `PatchAnomalyModel` (the modular Screener or the distilled UNet); loading it
+from a trained model folder is `predict.py`'s job.
+"""
+import csv
+import io
+import os
+from os.path import abspath, basename, isdir, isfile, join
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from tqdm import tqdm
+
+from nnscreener.inference.overlays import save_overlay_png
+from nnscreener.inference.sliding_window import sliding_window_anomaly_map
+from nnscreener.planners.presets import BODY_THRESHOLD_HU
+from nnscreener.preprocessing.clahe import apply_clahe
+from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
+from nnscreener.utilities.errors import ScreenerInputError
+from nnscreener.utilities.io import atomic_path, atomic_save_json
+
+CT_FILE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha')  # what SimpleITK reads and nnU-Net's SimpleITKIO accepts
+NNUNET_CHANNEL_SUFFIX = '_0000'
+SCAN_SCORE_PERCENTILE = 99.5
+SCORE_FIELDS = ('case', 'scan_score', 'map_max', 'map_mean')
+
+
+class PatchAnomalyModel(Protocol):
+    """A patch-wise anomaly model: the modular Screener (descriptor + condition + density) or the distilled UNet.
+
+    An optional attribute `uses_clahe = False` tells inference that `clahe` is ignored, so it is not computed.
+    """
+    patch_size: Tuple[int, int, int]  # (z, y, x), the plans' patch
+    device: torch.device
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+        """stock, clahe: (B, 1, *patch_size) in [0, 1] on `device` (stock nnU-Net input and its CLAHE).
+        Returns the anomaly map (B, 1, z', y', x') at the patch resolution or lower (e.g. pooled by (2, 3, 3))."""
+
+
+def preprocess_for_screener(image_file: str, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                            dataset_json: dict) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Reads and checks one CT, then `preprocess_ct_image`: -> (stock, clahe, properties)."""
+    image = read_ct_image(image_file)
+    check_ct_image(image, image_file)  # no patch check: small images are zero-padded by the sliding window
+    return preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json)
+
+
+def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                        dataset_json: dict, with_clahe: bool = True) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Stock nnU-Net preprocessing of the whole CT (crop to nonzero, resample, CTNormalization) and CLAHE of the
+    result -> (stock (z, y, x) float32, clahe (z, y, x) float32, nnU-Net's properties).
+
+    This is `DefaultPreprocessor.run_case` minus the file read: the image is already in memory (it was validated),
+    and its array is taken in SimpleITK's order exactly as nnU-Net's SimpleITKIO does, so the map can be written
+    back with the image's own geometry. No body crop: the map must cover the whole input. `with_clahe=False` returns
+    the stock volume in place of its CLAHE, for models that never read it (the distilled UNet): CLAHE of a whole CT
+    costs seconds.
+    """
+    if plans_manager.image_reader_writer_class is not SimpleITKIO:
+        raise ScreenerInputError(f'the plans use {plans_manager.plans["image_reader_writer"]}, but Screener inference '
+                                 f'reads CTs with SimpleITKIO; re-plan with SimpleITK-readable files (.nii.gz, .mha)')
+    spacing = image.GetSpacing()
+    properties = {'sitk_stuff': {'spacing': spacing, 'origin': image.GetOrigin(), 'direction': image.GetDirection()},
+                  'spacing': [abs(s) for s in spacing[::-1]]}
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case_npy(sitk.GetArrayViewFromImage(image)[None], None, properties,
+                                                    plans_manager, configuration_manager, dataset_json)
+    stock = data[0].astype(np.float32, copy=False)
+    return stock, apply_clahe(stock) if with_clahe else stock, properties
+
+
+def map_to_input_geometry(anomaly_map: np.ndarray, properties: dict, plans_manager: PlansManager,
+                          configuration_manager: ConfigurationManager) -> np.ndarray:
+    """Undoes nnU-Net's preprocessing for a (z, y, x) map at the plans' spacing -> float32 map on the raw image grid.
+
+    Same steps and calls as nnU-Net's export (resample -> uncrop -> transpose back). Voxels outside nnU-Net's
+    nonzero crop (the image's all-zero border, usually none for CT) get the map's minimum: "least anomalous", so the
+    border never shows up as a finding.
+    """
+    resampled = configuration_manager.resampling_fn_probabilities(
+        anomaly_map[None].astype(np.float32, copy=False), properties['shape_after_cropping_and_before_resampling'],
+        configuration_manager.spacing, [properties['spacing'][i] for i in plans_manager.transpose_forward])
+    resampled = np.asarray(resampled[0], dtype=np.float32)
+    full = np.full(properties['shape_before_cropping'], resampled.min(), dtype=np.float32)
+    full = insert_crop_into_image(full, resampled, properties['bbox_used_for_cropping'])
+    return np.ascontiguousarray(full.transpose(plans_manager.transpose_backward))
+
+
+def write_anomaly_map(anomaly_map: np.ndarray, reference_image_file: str, output_file: str) -> None:
+    """float32 NIfTI with exactly the reference CT's size, spacing, origin and direction; written atomically."""
+    reference = sitk.ImageFileReader()
+    reference.SetFileName(reference_image_file)
+    reference.ReadImageInformation()  # header only: no second read of the voxels
+    if tuple(anomaly_map.shape[::-1]) != reference.GetSize():
+        raise ValueError(f'map shape {anomaly_map.shape} (z, y, x) does not match {reference_image_file} '
+                         f'{reference.GetSize()} (x, y, z)')
+    image = sitk.GetImageFromArray(anomaly_map.astype(np.float32, copy=False))
+    image.SetSpacing(reference.GetSpacing())
+    image.SetOrigin(reference.GetOrigin())
+    image.SetDirection(reference.GetDirection())
+    with atomic_path(output_file) as tmp:
+        sitk.WriteImage(image, tmp, True)
+
+
+def body_mask(ct_hu: np.ndarray) -> np.ndarray:
+    """The paper's "dense foreground": voxels above -500 HU."""
+    return ct_hu > BODY_THRESHOLD_HU
+
+
+def scan_score(map_raw: np.ndarray, body: Optional[np.ndarray] = None,
+               percentile: float = SCAN_SCORE_PERCENTILE) -> float:
+    """Scan-level anomaly score: a high percentile of the map inside the body (the whole map if the mask is empty).
+
+    Not the maximum: one noisy voxel (a stent artefact, a resampling edge) would decide the max, whereas the 99.5th
+    percentile needs a lesion of ~0.5 % of the body to move.
+    """
+    values = map_raw[body] if body is not None and body.any() else map_raw
+    return float(np.percentile(values, percentile))
+
+
+def find_ct_files(input_files_or_folder: Union[str, Sequence[str]]) -> Dict[str, str]:
+    """{case: file} for a folder of CTs or a list of files; nnU-Net style `<case>_0000.nii.gz` becomes `<case>`."""
+    if isinstance(input_files_or_folder, str) and isdir(input_files_or_folder):
+        folder = input_files_or_folder
+        files = [join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(CT_FILE_ENDINGS)
+                 and not f.startswith('.')]
+        if not files:
+            raise ScreenerInputError(f'{folder} contains no CT files ({", ".join("*" + e for e in CT_FILE_ENDINGS)})')
+    else:
+        files = [input_files_or_folder] if isinstance(input_files_or_folder, str) else list(input_files_or_folder)
+        if not files:
+            raise ScreenerInputError('no input CT files given')
+        for f in files:
+            if not isfile(f):
+                raise ScreenerInputError(f'{f} does not exist (give CT files or one folder of them)')
+            if not f.endswith(CT_FILE_ENDINGS):
+                raise ScreenerInputError(f'{f} is not a CT file ({", ".join("*" + e for e in CT_FILE_ENDINGS)})')
+    cases = {}
+    for f in files:
+        case = case_name(f)
+        if case in cases:
+            raise ScreenerInputError(f'{cases[case]} and {f} are both case {case}: one CT channel per case only; '
+                                     f'remove one of them')
+        cases[case] = f
+    return cases
+
+
+def case_name(image_file: str) -> str:
+    name = basename(image_file)
+    name = name[:-len(next(e for e in CT_FILE_ENDINGS if name.endswith(e)))]
+    return name[:-len(NNUNET_CHANNEL_SUFFIX)] if name.endswith(NNUNET_CHANNEL_SUFFIX) else name
+
+
+def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], output_folder: str,
+                         model: PatchAnomalyModel, plans_manager: PlansManager,
+                         configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
+                         batch_size: int = 4, overlays: int = 0, continue_: bool = False) -> List[dict]:
+    """Anomaly map `<case>.nii.gz` for every CT, plus `scores.csv` / `scores.json` and, for the `overlays`
+    highest-scoring scans, `overlays/<case>.png`. Returns the score records.
+
+    Fails fast: the first unreadable or invalid CT stops the run with one line naming the file. Maps already written
+    stay; `continue_` skips cases whose map exists with the CT's size (their scores are recomputed from it).
+    """
+    if not 0 < step_size <= 1 or batch_size < 1:
+        raise ScreenerInputError(f'step_size must be in (0, 1] and batch_size >= 1, got {step_size} and {batch_size}')
+    cases = find_ct_files(input_files_or_folder)
+    outputs = {case: join(output_folder, case + '.nii.gz') for case in cases}
+    for case, f in cases.items():
+        if abspath(outputs[case]) == abspath(f):
+            raise ScreenerInputError(f'the map of {f} would overwrite it: choose another output folder')
+    os.makedirs(output_folder, exist_ok=True)
+    records = []
+    for case, image_file in tqdm(cases.items(), desc='anomaly maps'):
+        image = read_ct_image(image_file)
+        check_ct_image(image, image_file)
+        map_raw = _existing_map(outputs[case], image) if continue_ else None
+        if map_raw is None:
+            stock, clahe, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
+                                                           with_clahe=getattr(model, 'uses_clahe', True))
+            anomaly_map = sliding_window_anomaly_map(stock, clahe, model, step_size, batch_size)
+            map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
+            write_anomaly_map(map_raw, image_file, outputs[case])
+        records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask(sitk.GetArrayViewFromImage(image))),
+                        'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
+                        'image': abspath(image_file), 'anomaly_map': abspath(outputs[case])})
+    save_scores(records, output_folder)
+    for record in sorted(records, key=lambda r: -r['scan_score'])[:overlays]:
+        out_png = join(output_folder, 'overlays', record['case'] + '.png')
+        save_case_overlay(record['image'], record['anomaly_map'], out_png)
+    return records
+
+
+def _existing_map(map_file: str, image: sitk.Image) -> Optional[np.ndarray]:
+    """The saved map of `image`, or None if there is none of its size (missing, or left from another input)."""
+    if not isfile(map_file):
+        return None
+    anomaly_map = read_ct_image(map_file)
+    return sitk.GetArrayFromImage(anomaly_map) if anomaly_map.GetSize() == image.GetSize() else None
+
+
+def save_scores(records: List[dict], output_folder: str) -> None:
+    """scores.json (all fields) and scores.csv (case, scan_score, map_max, map_mean), both atomic."""
+    atomic_save_json(records, join(output_folder, 'scores.json'))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SCORE_FIELDS, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(records)
+    with atomic_path(join(output_folder, 'scores.csv')) as tmp:
+        with open(tmp, 'w', newline='') as f:
+            f.write(text.getvalue())
+
+
+def save_case_overlay(image_file: str, anomaly_map_file: str, out_png: str, n_slices: int = 3,
+                      mask_file: Optional[str] = None) -> None:
+    """Overlay PNG of a CT and its map, both reoriented to LPS so slices show in the radiological convention."""
+    images = [sitk.DICOMOrient(read_ct_image(f), 'LPS') if f else None for f in (image_file, anomaly_map_file,
+                                                                                   mask_file)]
+    ct, anomaly_map, mask = (sitk.GetArrayFromImage(i) if i else None for i in images)
+    save_overlay_png(ct, anomaly_map, images[0].GetSpacing()[::-1], out_png, n_slices, mask)

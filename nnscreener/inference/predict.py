@@ -1,0 +1,105 @@
+"""`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener."""
+import argparse
+import os
+from os.path import isfile, join
+from typing import Tuple
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnscreener.inference.anomaly_maps import predict_anomaly_maps
+from nnscreener.planners.screener_planner import CONFIGURATION
+from nnscreener.training.networks import build_plans_unet
+from nnscreener.training.stage_trainer import load_stage_network
+from nnscreener.training.stages import modular_screener, stage_checkpoint, stage_folder
+from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
+from nnscreener.utilities.paths import dataset_name, require_env
+
+MODEL_KINDS = ('modular', 'distilled')
+
+
+class ModularPatchModel:
+    """descriptor -> condition -> density on the CLAHE patch; the map stays at the pooled resolution."""
+
+    def __init__(self, screener: nn.Module, patch_size, device: torch.device):
+        self.screener, self.patch_size, self.device = screener.eval(), tuple(patch_size), device
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+        return self.screener(clahe)
+
+
+class DistilledPatchModel:
+    """The distilled UNet on the stock nnU-Net input, mapped back to the teacher's NLL scale."""
+    uses_clahe = False
+
+    def __init__(self, network: nn.Module, target_mean: float, target_sd: float, patch_size, device: torch.device):
+        self.network, self.patch_size, self.device = network.eval(), tuple(patch_size), device
+        self.target_mean, self.target_sd = target_mean, target_sd
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+        return self.network(stock) * self.target_sd + self.target_mean
+
+
+def load_patch_model(name: str, kind: str, device: torch.device) -> Tuple[object, PlansManager, dict]:
+    """The trained model of dataset `name` with the plans and dataset.json it was trained with."""
+    if kind not in MODEL_KINDS:
+        raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
+    stage = 'density' if kind == 'modular' else 'distillation'
+    folder = os.path.dirname(stage_folder(name, stage))
+    if not isfile(join(folder, 'plans.json')):
+        raise ScreenerInputError(f'no trained {kind} Screener for {name} in {folder}: run nnScreener_pretrain -d {name}')
+    plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
+    configuration_manager = plans_manager.get_configuration(CONFIGURATION)
+    screener = plans_manager.plans['screener']
+    patch = configuration_manager.patch_size
+    try:
+        if kind == 'modular':
+            if screener['density']['condition'] == 'sincos':
+                raise ScreenerInputError('sin-cos conditions are a training-time ablation baseline: whole-CT '
+                                         'inference supports learned or no conditions')
+            model = ModularPatchModel(modular_screener(name, configuration_manager, screener, device), patch, device)
+        else:
+            checkpoint, state = load_stage_network(stage_checkpoint(name, 'distillation'), device)
+            network = build_plans_unet(configuration_manager, 1).to(device)
+            network.load_state_dict(checkpoint['network_weights'])
+            weights = state['objective_weights']
+            model = DistilledPatchModel(network, float(weights['target_mean']), float(weights['target_sd']), patch,
+                                        device)
+    except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
+        raise ScreenerInputError(f'a {kind} checkpoint of {name} does not fit its plans ({str(e).splitlines()[0]}); '
+                                 f're-run nnScreener_pretrain with these plans')
+    return model, plans_manager, load_json(join(folder, 'dataset.json'))
+
+
+def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',
+            step_size: float = 0.5, batch_size: int = 4, overlays: int = 0, continue_: bool = False):
+    require_env('nnUNet_results')
+    name = dataset_name(dataset)
+    patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device))
+    return predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
+                                plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size, batch_size,
+                                overlays, continue_)
+
+
+@exit_on_input_error
+def predict_entry():
+    parser = argparse.ArgumentParser(description='Voxel-wise anomaly maps (NIfTI, input geometry) and scan scores '
+                                                 'of raw CT scans with a pretrained Screener.')
+    parser.add_argument('-i', required=True, nargs='+', help='folder of CT NIfTI files, or files')
+    parser.add_argument('-o', required=True, help='output folder')
+    parser.add_argument('-d', required=True, help='dataset id or name the Screener was pretrained on')
+    parser.add_argument('--model', default='modular', choices=MODEL_KINDS)
+    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    parser.add_argument('--step_size', type=float, default=0.5, help='sliding-window step, fraction of the patch')
+    parser.add_argument('--batch_size', type=int, default=4, help='patches per forward pass')
+    parser.add_argument('--overlays', type=int, default=0, help='PNG overlays for the N highest-scoring scans')
+    parser.add_argument('--c', action='store_true', help='continue: keep maps that already exist')
+    args = parser.parse_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise ScreenerInputError('no CUDA device available: pass -device cpu')
+    inputs = args.i[0] if len(args.i) == 1 else args.i
+    records = predict(inputs, args.o, args.d, args.model, args.device, args.step_size, args.batch_size,
+                      args.overlays, args.c)
+    print(f'{len(records)} anomaly maps in {args.o} (scores.csv)')

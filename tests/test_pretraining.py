@@ -1,0 +1,131 @@
+"""Screener pretraining on tiny phantoms: all four stages as nnU-Net trainers, resume, DDP on CPU, masking
+invariance of the condition model, distillation into a stock-loadable nnU-Net UNet."""
+import glob
+import os
+import subprocess
+import sys
+from os.path import isfile, join
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TARGET_ID
+from nnscreener.training.stages import STAGE_TRAINERS, stage_checkpoint, stage_folder
+
+NAME = 'Dataset501_ScreenerPhantomLesions'
+NNUNET_CHECKPOINT_KEYS = {'network_weights', 'optimizer_state', 'current_epoch', 'init_args', 'trainer_name'}
+
+
+def _history(stage):
+    checkpoint = torch.load(stage_checkpoint(NAME, stage), map_location='cpu', weights_only=False)
+    return checkpoint, checkpoint['screener']['history']
+
+
+def test_all_stages_write_nnunet_checkpoints_logs_and_curves(pretrained_world, monkeypatch):
+    env, checkpoints = pretrained_world
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for stage in STAGE_TRAINERS:
+        checkpoint, history = _history(stage)
+        assert NNUNET_CHECKPOINT_KEYS <= set(checkpoint), stage
+        assert checkpoint['screener']['step'] == len(history['steps']) == history['steps'][-1]
+        folder = stage_folder(NAME, stage)
+        assert isfile(join(folder, 'progress.png')) and glob.glob(join(folder, 'training_log_*.txt'))
+        assert not isfile(join(folder, 'checkpoint_latest.pth')), 'latest is removed once final is written'
+
+
+@pytest.mark.parametrize('stage', ['descriptor', 'density', 'distillation'])
+def test_training_reduces_the_loss(pretrained_world, monkeypatch, stage):
+    for k, v in pretrained_world[0].items():
+        monkeypatch.setenv(k, v)
+    loss = np.array(_history(stage)[1]['values']['loss'])
+    assert loss[-10:].mean() < loss[:10].mean(), f'{stage}: {loss[:10].mean()} -> {loss[-10:].mean()}'
+
+
+def _features(network, x):
+    with torch.no_grad():
+        return network(x)
+
+
+def test_condition_model_is_more_masking_invariant_than_descriptor(pretrained_world, monkeypatch):
+    """On held-out crops (the labeled target set), masking changes conditions less than descriptors."""
+    from nnscreener.ssl.masking import BlockMasking
+    from nnscreener.training.data_loaders import CLAHE, RandomCropLoader
+    from nnscreener.training.stages import load_frozen_unet
+    for k, v in pretrained_world[0].items():
+        monkeypatch.setenv(k, v)
+    trainer_plans = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']['plans_screener']
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    plans = PlansManager(load_json(join(os.path.dirname(stage_folder(NAME, 'condition')), 'plans.json')))
+    config = plans.get_configuration('3d_fullres')
+    from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
+    cache = ScreenerCache(screener_cache_folder(join(os.environ['nnUNet_preprocessed'], NAME), config))
+    cache.entries = {k: e for k, e in cache.entries.items() if k.startswith(NAME)}  # the held-out labeled set
+    batch = RandomCropLoader(cache, 8, config.patch_size, seed=7).generate_train_batch()
+    x = torch.as_tensor(batch['data'][:, CLAHE:CLAHE + 1])
+    masking = BlockMasking(trainer_plans['ssl']['mask_block_size'], trainer_plans['ssl']['mask_ratio'], p=1.0)
+    torch.manual_seed(0)
+    changes = {}
+    for stage, dim in (('descriptor', trainer_plans['descriptor_dim']), ('condition', trainer_plans['condition_dim'])):
+        network = load_frozen_unet(NAME, stage, config, dim, torch.device('cpu'))
+        if stage == 'condition':  # the learned mask token is part of the condition model's training state
+            state = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']['objective_weights']
+            masking.mask_token.data.copy_(state['masking.mask_token'])
+        masked, mask = masking(x, torch.Generator().manual_seed(1))
+        clean, corrupted = _features(network, x), _features(network, masked)
+        # relative change of the feature maps, normalised by the features' own spread
+        changes[stage] = float(((clean - corrupted) ** 2).mean() / clean.var(dim=(0, 2, 3, 4)).sum())
+    assert changes['condition'] < changes['descriptor'], changes
+
+
+def test_resume_continues_step_counter_schedule_and_history(phantom_world, monkeypatch, tmp_path):
+    """Interrupt the descriptor stage after its first checkpoint, then `--c`: nothing is lost but the steps after
+    the last checkpoint, and the run ends at the planned number of steps with the planned lr schedule."""
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    for k, v in phantom_world.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+
+    def make_trainer(continue_):
+        trainer = get_trainer_from_args(NAME, '3d_fullres', 'all', 'nnScreenerDescriptorTrainer', 'nnScreenerPlans',
+                                        continue_, device=torch.device('cpu'))
+        trainer.num_steps, trainer.checkpoint_every = 16, 5
+        return trainer
+
+    trainer = make_trainer(False)
+    original_step = trainer.train_step
+
+    def killed_after_12(batch):
+        if trainer.current_step == 12:
+            raise KeyboardInterrupt
+        return original_step(batch)
+
+    trainer.train_step = killed_after_12
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_training()
+    latest = join(trainer.output_folder, 'checkpoint_latest.pth')
+    assert torch.load(latest, weights_only=False)['screener']['step'] == 10
+    resumed = make_trainer(True)
+    maybe_load_checkpoint(resumed, True, False)
+    assert resumed.current_step == 10
+    resumed.lr_scheduler.step(resumed.current_step)
+    lr_at_10 = resumed.optimizer.param_groups[0]['lr']
+    resumed.run_training()
+    final = torch.load(join(resumed.output_folder, 'checkpoint_final.pth'), weights_only=False)['screener']
+    assert final['step'] == 16 and final['history']['steps'] == list(range(1, 17))
+    from nnscreener.training.lr_schedule import warmup_decay_lr
+    hp = resumed.hparams
+    assert lr_at_10 == pytest.approx(warmup_decay_lr(10, hp['lr'], hp['warmup_steps'], 16))
+
+
+def test_ddp_on_cpu_with_gloo_two_processes(phantom_world, tmp_path):
+    env = {**os.environ, **phantom_world, 'nnUNet_results': str(tmp_path)}
+    result = subprocess.run(['nnScreener_pretrain', '-d', str(TARGET_ID), '--stages', 'descriptor', '-device', 'cpu',
+                             '-num_gpus', '2'], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = glob.glob(join(str(tmp_path), NAME, 'nnScreenerDescriptorTrainer__*', 'fold_all',
+                                'checkpoint_final.pth'))
+    assert checkpoint and torch.load(checkpoint[0], weights_only=False)['screener']['step'] > 0
+    assert 'I am local rank 1' in result.stdout, 'two DDP processes must have run'
