@@ -54,12 +54,10 @@ def test_evaluate_cli_on_modular_maps(pretrained_world, tmp_path):
     result = subprocess.run(['nnScreener_evaluate', '-pred', str(tmp_path / 'maps'), '-ref',
                              os.path.dirname(labels[0]), '-o', str(tmp_path / 'eval'), '--n_threshold_cases', '1'],
                             env={**os.environ, **env}, capture_output=True, text=True)
-    # the reference folder holds more cases than were predicted: evaluation must say so, not guess
-    if result.returncode == 0:
-        summary = json.load(open(tmp_path / 'eval' / 'summary.json'))
-        assert summary['auroc'] > 0.5
-    else:
-        assert result.returncode == 2 and result.stderr.strip().count('\n') == 0
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.load(open(tmp_path / 'eval' / 'summary.json'))
+    assert summary['n_pathological'] == len(images)
+    assert summary['auroc'] > 0.5, 'lesions must rank above healthy voxels'
 
 
 def test_distilled_checkpoint_predicts_and_fine_tunes_in_stock_nnunet(pretrained_world, tmp_path):

@@ -45,13 +45,19 @@ class nnScreenerFinetuneTrainer_100epochs(nnScreenerFromScratchTrainer_100epochs
 
 
 class nnScreenerFromScratchTrainer_tiny(nnScreenerFromScratchTrainer):
-    """A CPU smoke-test schedule (tests, the phantom demo): 2 epochs of 3 iterations."""
+    """A CPU smoke-test schedule (tests, the phantom demo): 2 epochs of 3 iterations, no mirroring at validation
+    (test-time mirroring multiplies CPU validation time by 8)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.warmup_epochs = 2, 1
         self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 3, 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
 
 
 class nnScreenerFinetuneTrainer_tiny(nnScreenerFromScratchTrainer_tiny):
