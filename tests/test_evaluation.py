@@ -231,3 +231,14 @@ def test_evaluate_needs_held_out_pathological_cases(tmp_path):
     pred, ref = make_cases(tmp_path, n_pathological=2)
     with pytest.raises(ScreenerInputError, match='2 pathological'):
         evaluate_anomaly_maps(str(pred), str(ref), n_threshold_cases=2, verbose=False)
+
+
+def test_map_agreement_is_pearson_r(tmp_path):
+    from nnscreener.evaluation.evaluate import map_agreement
+    for folder, sign in (('a', 1), ('b', -2)):
+        (tmp_path / folder).mkdir()
+        for case in ('c0', 'c1'):
+            values = np.random.default_rng(int(case[1])).normal(size=(4, 5, 6)).astype(np.float32)
+            sitk.WriteImage(sitk.GetImageFromArray(sign * values), str(tmp_path / folder / f'{case}.nii.gz'))
+    result = map_agreement(str(tmp_path / 'a'), str(tmp_path / 'b'))
+    assert result['pearson_r_pooled'] == pytest.approx(-1.0) and result['n_cases'] == 2

@@ -242,7 +242,7 @@ def test_real_scans_keep_their_geometry_and_alignment(plans, tmp_path, monkeypat
     aligned with the scan, so no axis was flipped or transposed (int16/int32/float32 storage, 3 directions)."""
     plans_manager, configuration_manager, dataset_json, _ = plans
     # CLAHE cannot move voxels and the pooled model ignores it: skip it to save time
-    monkeypatch.setattr('nnscreener.inference.anomaly_maps.apply_clahe', lambda volume: volume)
+    monkeypatch.setattr('nnscreener.inference.anomaly_maps.screener_clahe', lambda volume, min_size: volume)
     scans = sorted(REAL_CT.glob('*_ct*.nii.gz'))
     assert len(scans) >= 10
     for scan in scans:

@@ -54,6 +54,8 @@ def test_screener_cache_holds_all_datasets_with_clahe(in_phantom_world):
     sources = {k.split('/')[0] for k in cache.keys}
     assert sources == {'Dataset501_ScreenerPhantomLesions', 'Dataset500_ScreenerPhantomPretrain'}
     assert len(cache.keys) == 12
+    # the Screener models pretrain on the pretraining set only: lesions stay rare, the target stays held out
+    assert {k.split('/')[0] for k in cache.pretraining_keys} == {'Dataset500_ScreenerPhantomPretrain'}
     volume = np.asarray(cache.load(cache.keys[0]), dtype=np.float32)
     assert volume.shape[0] == 2 and volume.dtype == np.float32
     assert all(s >= p for s, p in zip(volume.shape[1:], get_preset('tiny')['patch_size']))

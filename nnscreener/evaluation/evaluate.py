@@ -210,3 +210,17 @@ def evaluate_entry():
     args = parser.parse_args()
     evaluate_anomaly_maps(args.pred, args.ref, args.o, n_threshold_cases=args.n_threshold_cases, seed=args.seed,
                           n_voxels=args.n_voxels, max_fpr=args.max_fpr)
+
+
+def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz') -> Dict[str, float]:
+    """Pearson r between two sets of anomaly maps of the same cases (e.g. distilled vs modular), pooled over all
+    voxels, and the mean of the per-case r."""
+    from scipy.stats import pearsonr
+    cases = _case_names(folder_a, folder_b, file_ending)
+    maps = [[sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, c + file_ending))).ravel() for f in (folder_a,
+                                                                                                      folder_b)]
+            for c in cases]
+    per_case = [pearsonr(a, b)[0] for a, b in maps]
+    pooled = pearsonr(np.concatenate([a for a, _ in maps]), np.concatenate([b for _, b in maps]))[0]
+    return {'pearson_r_pooled': float(pooled), 'pearson_r_mean_per_case': float(np.mean(per_case)),
+            'n_cases': len(cases)}

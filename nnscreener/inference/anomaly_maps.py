@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map
 from nnscreener.planners.presets import BODY_THRESHOLD_HU
-from nnscreener.preprocessing.clahe import apply_clahe
+from nnscreener.preprocessing.screener_cache import screener_clahe
 from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_path, atomic_save_json
@@ -73,7 +73,7 @@ def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configur
     data, _, properties = preprocessor.run_case_npy(sitk.GetArrayViewFromImage(image)[None], None, properties,
                                                     plans_manager, configuration_manager, dataset_json)
     stock = data[0].astype(np.float32, copy=False)
-    return stock, apply_clahe(stock) if with_clahe else stock, properties
+    return stock, screener_clahe(stock, configuration_manager.patch_size) if with_clahe else stock, properties
 
 
 def map_to_input_geometry(anomaly_map: np.ndarray, properties: dict, plans_manager: PlansManager,

@@ -42,12 +42,14 @@ class DistilledPatchModel:
         return self.network(stock) * self.target_sd + self.target_mean
 
 
-def load_patch_model(name: str, kind: str, device: torch.device) -> Tuple[object, PlansManager, dict]:
-    """The trained model of dataset `name` with the plans and dataset.json it was trained with."""
+def load_patch_model(name: str, kind: str, device: torch.device,
+                     density_trainer: str = None) -> Tuple[object, PlansManager, dict]:
+    """The trained model of dataset `name` with the plans and dataset.json it was trained with; `density_trainer`
+    picks a density-stage variant for the modular model."""
     if kind not in MODEL_KINDS:
         raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
     stage = 'density' if kind == 'modular' else 'distillation'
-    folder = os.path.dirname(stage_folder(name, stage))
+    folder = os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else None))
     if not isfile(join(folder, 'plans.json')):
         raise ScreenerInputError(f'no trained {kind} Screener for {name} in {folder}: run nnScreener_pretrain -d {name}')
     plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
@@ -56,10 +58,12 @@ def load_patch_model(name: str, kind: str, device: torch.device) -> Tuple[object
     patch = configuration_manager.patch_size
     try:
         if kind == 'modular':
-            if screener['density']['condition'] == 'sincos':
+            screener_model = modular_screener(name, configuration_manager, screener, device,
+                                              density_trainer=density_trainer)
+            if screener_model.condition_kind == 'sincos':
                 raise ScreenerInputError('sin-cos conditions are a training-time ablation baseline: whole-CT '
                                          'inference supports learned or no conditions')
-            model = ModularPatchModel(modular_screener(name, configuration_manager, screener, device), patch, device)
+            model = ModularPatchModel(screener_model, patch, device)
         else:
             checkpoint, state = load_stage_network(stage_checkpoint(name, 'distillation'), device)
             network = build_plans_unet(configuration_manager, 1).to(device)
@@ -74,10 +78,11 @@ def load_patch_model(name: str, kind: str, device: torch.device) -> Tuple[object
 
 
 def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',
-            step_size: float = 0.5, batch_size: int = 4, overlays: int = 0, continue_: bool = False):
+            step_size: float = 0.5, batch_size: int = 4, overlays: int = 0, continue_: bool = False,
+            density_trainer: str = None):
     require_env('nnUNet_results')
     name = dataset_name(dataset)
-    patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device))
+    patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device), density_trainer)
     return predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
                                 plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size, batch_size,
                                 overlays, continue_)
@@ -96,10 +101,12 @@ def predict_entry():
     parser.add_argument('--batch_size', type=int, default=4, help='patches per forward pass')
     parser.add_argument('--overlays', type=int, default=0, help='PNG overlays for the N highest-scoring scans')
     parser.add_argument('--c', action='store_true', help='continue: keep maps that already exist')
+    parser.add_argument('--density_trainer', default=None,
+                        help='modular model: a density-stage variant trained with nnScreener_pretrain --density_trainer')
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ScreenerInputError('no CUDA device available: pass -device cpu')
     inputs = args.i[0] if len(args.i) == 1 else args.i
     records = predict(inputs, args.o, args.d, args.model, args.device, args.step_size, args.batch_size,
-                      args.overlays, args.c)
+                      args.overlays, args.c, args.density_trainer)
     print(f'{len(records)} anomaly maps in {args.o} (scores.csv)')

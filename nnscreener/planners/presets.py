@@ -59,7 +59,7 @@ PRESETS = {
         'ssl': {
             'batch_size': 2,
             'positive_pairs': 512,
-            'num_steps': 100,
+            'num_steps': 200,
             'warmup_steps': 4,
             'lr': 3e-3,
             'weight_decay': 1e-6,
@@ -73,7 +73,7 @@ PRESETS = {
             'model': 'conditional_gaussian',
             'condition': 'learned',
             'batch_size': 2,
-            'num_steps': 40,
+            'num_steps': 100,
             'warmup_steps': 4,
             'lr': 3e-3,
             'pool_stride': (2, 3, 3),

@@ -8,7 +8,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnscreener.planners.presets import SCREENER_SPACING, get_preset
+from nnscreener.planners.presets import PRESETS, SCREENER_SPACING, get_preset
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, nnScreenerPlanner
 from nnscreener.preprocessing.screener_cache import build_screener_cache, screener_cache_folder
 from nnscreener.preprocessing.validation import check_raw_ct_dataset
@@ -40,7 +40,8 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     configuration_manager = plans_manager.get_configuration(CONFIGURATION)
     dataset_json = load_json(join(preprocessed_dataset_folder(target), 'dataset.json'))
     build_screener_cache(screener_cache_folder(preprocessed_dataset_folder(target), configuration_manager), sources,
-                         plans_manager, configuration_manager, dataset_json, num_processes, skip_existing=continue_)
+                         plans_manager, configuration_manager, dataset_json, num_processes, skip_existing=continue_,
+                         target=target)
     return plans_file
 
 
@@ -66,7 +67,8 @@ def plan_and_preprocess_entry():
     parser.add_argument('-d', type=str, required=True, help='target dataset id or name (labeled, for fine-tuning)')
     parser.add_argument('-pretrain_d', type=str, nargs='*', default=[],
                         help='additional pretraining datasets (ids or names), may be image-only (no labelsTr)')
-    parser.add_argument('--preset', default='default', help='default (paper scale) or tiny (CPU tests)')
+    parser.add_argument('--preset', default='default', choices=sorted(PRESETS),
+                        help='default (paper scale) or tiny (CPU tests)')
     parser.add_argument('-np', type=int, default=default_num_processes, help='number of processes')
     parser.add_argument('--allow_small_images', action='store_true',
                         help='zero-pad images smaller than the patch (nnU-Net behaviour) instead of refusing them')

@@ -4,6 +4,9 @@ Each file holds (2, z, y, x): channel 0 is the stock nnU-Net input (resampled, C
 its CLAHE (see clahe.py for why CLAHE lives here). Volumes are cropped to the body (> -500 HU, the paper's "dense
 foreground"), but never below one patch. Cases of every pretraining dataset are preprocessed with the *target*
 dataset's plans, so all Screener models and the distilled UNet share one spacing, intensity scale and architecture.
+The Screener models train on the pretraining datasets only (role 'pretrain'), as in the paper, where the datasets
+with pathology masks are test sets: pathologies must stay rare in the training data. Only without pretraining
+datasets does the target itself serve (its labels unused).
 
 Layout: $nnUNet_preprocessed/<target>/<data_identifier>_screener/{index.json, <source dataset>/<case>.npy}
 """
@@ -48,38 +51,55 @@ def body_bbox(volume01: np.ndarray, min_size: Sequence[int]) -> List[Tuple[int, 
     return bbox
 
 
+def body_clahe(volume01: np.ndarray, min_size: Sequence[int]) -> Tuple[np.ndarray, list]:
+    """CLAHE of the body region (the paper crops to the body before CLAHE; CLAHE tiles are 1/8 of the region, so
+    including air and table would change the result) -> (CLAHE inside the body bbox, bbox)."""
+    bbox = body_bbox(volume01, min_size)
+    return apply_clahe(volume01[tuple(slice(l, h) for l, h in bbox)]), bbox
+
+
+def screener_clahe(volume01: np.ndarray, min_size: Sequence[int]) -> np.ndarray:
+    """Whole-volume input of the Screener models at inference: body CLAHE inside the body bbox, the stock volume
+    (air, ~0) outside, so patches see exactly what the cache showed in training."""
+    clahe, bbox = body_clahe(volume01, min_size)
+    out = np.array(volume01, dtype=np.float32, copy=True)
+    out[tuple(slice(l, h) for l, h in bbox)] = clahe
+    return out
+
+
 def preprocess_screener_case(image_files: List[str], plans_manager: PlansManager,
                              configuration_manager: ConfigurationManager, dataset_json: dict) -> Tuple[np.ndarray, list]:
     """Stock nnU-Net preprocessing of one CT, body crop, CLAHE -> ((2, z, y, x) float16, body bbox)."""
     data, _, _ = DefaultPreprocessor(verbose=False).run_case(image_files, None, plans_manager, configuration_manager,
                                                              dataset_json)
-    volume = data[0]
-    bbox = body_bbox(volume, configuration_manager.patch_size)
-    volume = volume[tuple(slice(l, h) for l, h in bbox)]
-    return np.stack([volume, apply_clahe(volume)]).astype(np.float16), bbox
+    clahe, bbox = body_clahe(data[0], configuration_manager.patch_size)
+    volume = data[0][tuple(slice(l, h) for l, h in bbox)]
+    return np.stack([volume, clahe]).astype(np.float16), bbox
 
 
 def _cache_one(args) -> dict:
-    key, image_files, out_file, plans_manager, configuration_manager, dataset_json, skip_existing = args
+    key, role, image_files, out_file, plans_manager, configuration_manager, dataset_json, skip_existing = args
     if skip_existing and isfile(out_file):
         shape, bbox = np.load(out_file, mmap_mode='r').shape[1:], None
     else:
         volume, bbox = preprocess_screener_case(image_files, plans_manager, configuration_manager, dataset_json)
         atomic_save_npy(out_file, volume)
         shape = volume.shape[1:]
-    return {'key': key, 'file': os.path.relpath(out_file, os.path.dirname(os.path.dirname(out_file))),
+    return {'key': key, 'role': role, 'file': os.path.relpath(out_file, os.path.dirname(os.path.dirname(out_file))),
             'shape': [int(s) for s in shape], 'bbox': bbox}
 
 
 def build_screener_cache(cache_folder: str, sources: Dict[str, Dict[str, dict]], plans_manager: PlansManager,
                          configuration_manager: ConfigurationManager, dataset_json: dict, num_processes: int = 2,
-                         skip_existing: bool = False) -> List[dict]:
-    """sources: {source dataset name: nnU-Net's {case: {'images': [...]}}}. Writes the cache and its index."""
+                         skip_existing: bool = False, target: str = None) -> List[dict]:
+    """sources: {source dataset name: nnU-Net's {case: {'images': [...]}}}; `target` is the fine-tuning dataset
+    (role 'target'), every other source has role 'pretrain'. Writes the cache and its index."""
     jobs = []
     for source, cases in sources.items():
         maybe_mkdir_p(join(cache_folder, source))
+        role = 'target' if source == target else 'pretrain'
         for case, files in cases.items():
-            jobs.append((f'{source}/{case}', files['images'], join(cache_folder, source, case + '.npy'),
+            jobs.append((f'{source}/{case}', role, files['images'], join(cache_folder, source, case + '.npy'),
                          plans_manager, configuration_manager, dataset_json, skip_existing))
     old = {e['key']: e for e in load_screener_index(cache_folder, missing_ok=True)}
     with multiprocessing.get_context('spawn').Pool(num_processes) as pool:
@@ -111,6 +131,12 @@ class ScreenerCache:
     @property
     def keys(self) -> List[str]:
         return sorted(self.entries)
+
+    @property
+    def pretraining_keys(self) -> List[str]:
+        """The cases the Screener models train on: the pretraining datasets, or the target if there are none."""
+        pretrain = [k for k, e in self.entries.items() if e.get('role') == 'pretrain']
+        return sorted(pretrain) or self.keys
 
     def load(self, key: str) -> np.ndarray:
         """(2, z, y, x) float16 memmap: [stock input, CLAHE]."""

@@ -19,6 +19,8 @@ def load_ct_dataset_json(raw_folder: str) -> dict:
     if not isfile(fname):
         raise ScreenerInputError(f'{fname} is missing; every nnU-Net raw dataset needs a dataset.json')
     dataset_json = load_json(fname)
+    if 'file_ending' not in dataset_json:
+        raise ScreenerInputError(f'{fname} has no "file_ending" (e.g. ".nii.gz"); nnU-Net needs it to find the images')
     channels = dataset_json.get('channel_names', dataset_json.get('modality', {}))
     if len(channels) != 1 or str(list(channels.values())[0]).upper() != 'CT':
         raise ScreenerInputError(f'{fname}: Screener needs exactly one CT channel (channel_names {{"0": "CT"}}), '

@@ -13,7 +13,7 @@ from os.path import isdir, isfile, join
 import torch
 
 from nnscreener.evaluation.compare import compare_trainers
-from nnscreener.evaluation.evaluate import evaluate_anomaly_maps
+from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, map_agreement
 from nnscreener.finetuning.lowshot_splits import write_lowshot_splits
 from nnscreener.inference.predict import predict
 from nnscreener.phantoms.make_phantoms import make_phantom_datasets
@@ -44,6 +44,9 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
     pretrain(TARGET, device=device, continue_=True)
     _step('4/6 unsupervised anomaly maps of the labeled phantoms, and their evaluation')
     summaries = {kind: _maps_and_metrics(raw, folder, kind, device) for kind in ('modular', 'distilled')}
+    agreement = map_agreement(join(folder, 'anomaly_maps_modular'), join(folder, 'anomaly_maps_distilled'))
+    print(f"distilled vs modular: Pearson r {agreement['pearson_r_pooled']:.3f} (pooled voxels), AUROC "
+          f"{summaries['distilled']['auroc']:.3f} vs {summaries['modular']['auroc']:.3f}")
     _step(f'5/6 low-shot fine-tuning: {folds} folds x {lowshot_n} labeled cases, distilled init vs scratch')
     write_lowshot_splits(TARGET, lowshot_n, folds, seed=0, overwrite=True)
     for fold in range(folds):
@@ -52,7 +55,7 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
     _step('6/6 comparison (paired Wilcoxon signed-rank test across folds)')
     comparison = compare_trainers(TARGET, FROM_SCRATCH, FINETUNE, SCREENER_PLANS_NAME, tuple(range(folds)))
     print(f'\nDemo finished; everything is under {os.path.abspath(folder)}')
-    return {'anomaly_maps': summaries, 'comparison': comparison}
+    return {'anomaly_maps': summaries, 'agreement': agreement, 'comparison': comparison}
 
 
 def _step(text: str) -> None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.stages import PRETRAIN_FOLD, STAGE_TRAINERS, stage_checkpoint
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
@@ -20,21 +21,27 @@ from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder
 
 
 def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str = None, continue_: bool = False,
-             device: str = 'cuda', num_gpus: int = 1) -> dict:
-    """Runs the requested stages in order; returns {stage: checkpoint_final.pth}."""
+             device: str = 'cuda', num_gpus: int = 1, density_trainer: str = None) -> dict:
+    """Runs the requested stages in order; returns {stage: checkpoint_final.pth}.
+
+    density_trainer: a variant of nnScreenerDensityTrainer for the density stage (ablations); the distillation
+    teacher always uses the default density stage.
+    """
     require_env('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')
     name = dataset_name(dataset)
     _check_plans(name, preset)
     unknown = [s for s in stages if s not in STAGE_TRAINERS]
     if unknown:
         raise ScreenerInputError(f'unknown stage(s) {unknown}; choose from {list(STAGE_TRAINERS)}')
+    trainers = {**STAGE_TRAINERS, 'density': density_trainer or STAGE_TRAINERS['density']}
     for stage in [s for s in STAGE_TRAINERS if s in stages]:  # paper order, whatever order was typed
-        if continue_ and isfile(stage_checkpoint(name, stage)):
-            print(f'{stage}: finished earlier ({stage_checkpoint(name, stage)}), skipping')
+        checkpoint = stage_checkpoint(name, stage, trainers[stage])
+        if continue_ and isfile(checkpoint):
+            print(f'{stage}: finished earlier ({checkpoint}), skipping')
             continue
-        print(f'==== Screener stage: {stage} ({STAGE_TRAINERS[stage]}) ====')
-        run_stage(name, STAGE_TRAINERS[stage], continue_, torch.device(device), num_gpus)
-    return {s: stage_checkpoint(name, s) for s in stages}
+        print(f'==== Screener stage: {stage} ({trainers[stage]}) ====')
+        run_stage(name, trainers[stage], continue_, torch.device(device), num_gpus)
+    return {s: stage_checkpoint(name, s, trainers[s]) for s in stages}
 
 
 def _check_plans(name: str, preset: str) -> None:
@@ -99,12 +106,17 @@ def pretrain_entry():
                                                  'distillation, written to nnUNet_results like nnU-Net trainings.')
     parser.add_argument('-d', required=True, help='dataset id or name (planned with nnScreener_plan_and_preprocess)')
     parser.add_argument('--stages', nargs='+', default=list(STAGE_TRAINERS), choices=list(STAGE_TRAINERS))
-    parser.add_argument('--preset', default=None, help='assert the preset the plans were made with')
+    parser.add_argument('--preset', default=None, choices=sorted(PRESETS),
+                        help='assert the preset the plans were made with')
     parser.add_argument('--c', action='store_true', help='continue: skip finished stages, resume the current one')
     parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('-num_gpus', type=int, default=1, help='DDP processes (gloo on CPU, NCCL on CUDA)')
+    parser.add_argument('--density_trainer', default=None,
+                        help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _marginalGaussian, '
+                             '_marginalFlow, _sincosGaussian (default: as planned)')
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ScreenerInputError('no CUDA device available: pass -device cpu (slow) or run on a GPU machine')
-    for stage, checkpoint in pretrain(args.d, args.stages, args.preset, args.c, args.device, args.num_gpus).items():
+    for stage, checkpoint in pretrain(args.d, args.stages, args.preset, args.c, args.device, args.num_gpus,
+                                      args.density_trainer).items():
         print(f'{stage}: {checkpoint}')

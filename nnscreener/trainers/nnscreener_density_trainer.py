@@ -42,7 +42,18 @@ class DensityObjective(nn.Module):
 
 
 class nnScreenerDensityTrainer(nnScreenerStageTrainer):
+    """Density model and conditions from the plans' `screener` block (default: learned conditions, conditional
+    Gaussian). Variants below fix them for the paper's ablations; each writes its own result folder."""
     stage = 'density'
+    density_model = None  # None: as planned
+    condition_kind = None
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # hparams is the plans' dict, so the checkpoint's copy of the plans records what was trained
+        self.hparams['model'] = self.density_model or self.hparams['model']
+        self.hparams['condition'] = self.condition_kind or self.hparams['condition']
 
     def build_objective(self):
         kind = self.hparams['condition']
@@ -55,3 +66,22 @@ class nnScreenerDensityTrainer(nnScreenerStageTrainer):
         loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
                                   self.configuration_manager.patch_size, seed)
         return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
+
+
+class nnScreenerDensityTrainer_flow(nnScreenerDensityTrainer):
+    """Learned conditions + conditional Glow flow."""
+    density_model, condition_kind = 'conditional_flow', 'learned'
+
+
+class nnScreenerDensityTrainer_marginalGaussian(nnScreenerDensityTrainer):
+    """No conditions: one Gaussian for every voxel."""
+    density_model, condition_kind = 'gaussian', 'none'
+
+
+class nnScreenerDensityTrainer_marginalFlow(nnScreenerDensityTrainer):
+    density_model, condition_kind = 'flow', 'none'
+
+
+class nnScreenerDensityTrainer_sincosGaussian(nnScreenerDensityTrainer):
+    """The paper's positional baseline: sin-cos encodings of the voxel position + conditional Gaussian."""
+    density_model, condition_kind = 'conditional_gaussian', 'sincos'

@@ -45,8 +45,8 @@ class nnScreenerFinetuneTrainer_100epochs(nnScreenerFromScratchTrainer_100epochs
 
 
 class nnScreenerFromScratchTrainer_tiny(nnScreenerFromScratchTrainer):
-    """A CPU smoke-test schedule (tests, the phantom demo): 2 epochs of 3 iterations, no mirroring at validation
-    (test-time mirroring multiplies CPU validation time by 8)."""
+    """A CPU smoke-test schedule (tests, the phantom demo): 2 epochs of 3 iterations, no mirroring (neither as
+    augmentation nor at validation, where it would multiply CPU time by 8)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

@@ -22,7 +22,7 @@ class _CacheLoader(SlimDataLoaderBase):
     """Infinite random batches; every worker seeds its own generator from (seed, worker id)."""
 
     def __init__(self, cache: ScreenerCache, batch_size: int, patch_size: Sequence[int], seed: int):
-        super().__init__(cache.keys, batch_size, None)
+        super().__init__(cache.pretraining_keys, batch_size, None)
         self.cache, self.patch_size, self.seed = cache, tuple(int(p) for p in patch_size), seed
         self.rng = None
 

@@ -45,7 +45,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.num_steps = int(self.hparams['num_steps'])
         self.checkpoint_every = int(self.screener['checkpoint_every'])
         self.current_step = 0
-        self.seed = 12345
+        self.seed = 12345 + sum(map(ord, self.__class__.__name__))  # stages draw different crops and inits
         self.enable_deep_supervision = False
         self.history = LossHistory()
         self.objective = None
@@ -149,7 +149,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         network = self.objective.network
         network = getattr(network, '_orig_mod', network)
         checkpoint = {
-            'network_weights': network.state_dict(),  # nnU-Net's key: loads via -pretrained_weights
+            # nnU-Net's key, loaded by -pretrained_weights; on the CPU so a GPU-trained file loads on any machine
+            'network_weights': {k: v.cpu() for k, v in network.state_dict().items()},
             'optimizer_state': self.optimizer.state_dict(),
             'grad_scaler_state': None,
             'logging': self.logger.get_checkpoint(),

@@ -21,14 +21,15 @@ STAGE_TRAINERS = {
 PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to validate against
 
 
-def stage_folder(dataset_name: str, stage: str) -> str:
-    trainer = STAGE_TRAINERS[stage]
+def stage_folder(dataset_name: str, stage: str, trainer: str = None) -> str:
+    """Result folder of a stage; `trainer` names a variant (e.g. nnScreenerDensityTrainer_flow)."""
+    trainer = trainer or STAGE_TRAINERS[stage]
     return join(os.environ['nnUNet_results'], dataset_name, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
                 f'fold_{PRETRAIN_FOLD}')
 
 
-def stage_checkpoint(dataset_name: str, stage: str) -> str:
-    return join(stage_folder(dataset_name, stage), 'checkpoint_final.pth')
+def stage_checkpoint(dataset_name: str, stage: str, trainer: str = None) -> str:
+    return join(stage_folder(dataset_name, stage, trainer), 'checkpoint_final.pth')
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -55,15 +56,19 @@ def density_from_block(screener: dict, condition_kind: str) -> nn.Module:
 
 
 def modular_screener(dataset_name: str, configuration_manager: ConfigurationManager, screener: dict,
-                     device: torch.device, density: nn.Module = None) -> ModularScreener:
-    """Frozen descriptor (+ condition) of the finished SSL stages with `density` (default: the trained one)."""
+                     device: torch.device, density: nn.Module = None, density_trainer: str = None) -> ModularScreener:
+    """Frozen descriptor (+ condition) of the finished SSL stages with `density`, or by default the trained density
+    model of `density_trainer` (default nnScreenerDensityTrainer) with the model and conditions it was trained with.
+    """
+    if density is None:
+        checkpoint, state = load_stage_network(stage_checkpoint(dataset_name, 'density', density_trainer), device)
+        screener = state['plans_screener']
     kind = screener['density']['condition']
     descriptor = load_frozen_unet(dataset_name, 'descriptor', configuration_manager, screener['descriptor_dim'], device)
     condition = None
     if kind == 'learned':
         condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, screener['condition_dim'], device)
     if density is None:
-        checkpoint, _ = load_stage_network(stage_checkpoint(dataset_name, 'density'), device)
         density = density_from_block(screener, kind)
         density.load_state_dict(checkpoint['network_weights'])
         density = freeze(density)
