@@ -145,11 +145,18 @@ def test_resume_continues_step_counter_schedule_and_history(phantom_world, monke
 
 
 def test_ddp_on_cpu_with_gloo_two_processes(phantom_world, tmp_path):
-    env = {**os.environ, **phantom_world, 'nnUNet_results': str(tmp_path)}
+    import json
+    import shutil
+    preprocessed = tmp_path / 'nnUNet_preprocessed'  # a copy whose plans ask for 10 steps: DDP on CPU is slow
+    shutil.copytree(join(phantom_world['nnUNet_preprocessed'], NAME), preprocessed / NAME)
+    plans = json.load(open(preprocessed / NAME / 'nnScreenerPlans.json'))
+    plans['screener']['ssl']['num_steps'] = 10
+    json.dump(plans, open(preprocessed / NAME / 'nnScreenerPlans.json', 'w'))
+    env = {**os.environ, **phantom_world, 'nnUNet_results': str(tmp_path), 'nnUNet_preprocessed': str(preprocessed)}
     result = subprocess.run(['nnScreener_pretrain', '-d', str(TARGET_ID), '--stages', 'descriptor', '-device', 'cpu',
                              '-num_gpus', '2'], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = glob.glob(join(str(tmp_path), NAME, 'nnScreenerDescriptorTrainer__*', 'fold_all',
                                 'checkpoint_final.pth'))
-    assert checkpoint and torch.load(checkpoint[0], weights_only=False)['screener']['step'] > 0
+    assert checkpoint and torch.load(checkpoint[0], weights_only=False)['screener']['step'] == 10
     assert 'I am local rank 1' in result.stdout, 'two DDP processes must have run'
