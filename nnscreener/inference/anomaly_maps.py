@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map
 from nnscreener.planners.presets import BODY_THRESHOLD_HU
-from nnscreener.preprocessing.screener_cache import screener_clahe
+from nnscreener.preprocessing.screener_cache import body_bbox, screener_clahe
 from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_path, atomic_save_json
@@ -158,6 +158,18 @@ def case_name(image_file: str) -> str:
     return name[:-len(NNUNET_CHANNEL_SUFFIX)] if name.endswith(NNUNET_CHANNEL_SUFFIX) else name
 
 
+def body_anomaly_map(stock: np.ndarray, clahe: np.ndarray, model: PatchAnomalyModel, step_size: float = 0.5,
+                     batch_size: int = 4) -> np.ndarray:
+    """Sliding-window map of the body region only (the same > -500 HU box, at least one patch large, that the
+    Screener cache trained on; the paper crops every CT to it). Outside, the models never saw data: air far from the
+    body gives out-of-distribution features and huge NLLs, so the map there is the body map's minimum."""
+    box = tuple(slice(lo, hi) for lo, hi in body_bbox(stock, model.patch_size))
+    body_map = sliding_window_anomaly_map(stock[box], clahe[box], model, step_size, batch_size)
+    anomaly_map = np.full(stock.shape, body_map.min(), dtype=np.float32)
+    anomaly_map[box] = body_map
+    return anomaly_map
+
+
 def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], output_folder: str,
                          model: PatchAnomalyModel, plans_manager: PlansManager,
                          configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
@@ -184,7 +196,7 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
         if map_raw is None:
             stock, clahe, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
                                                            with_clahe=getattr(model, 'uses_clahe', True))
-            anomaly_map = sliding_window_anomaly_map(stock, clahe, model, step_size, batch_size)
+            anomaly_map = body_anomaly_map(stock, clahe, model, step_size, batch_size)
             map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
             write_anomaly_map(map_raw, image_file, outputs[case])
         records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask(sitk.GetArrayViewFromImage(image))),

@@ -8,6 +8,7 @@ demo never touches a user's data; re-running it resumes where it stopped.
 import argparse
 import glob
 import os
+import subprocess
 from os.path import isdir, isfile, join
 
 import torch
@@ -27,7 +28,7 @@ TARGET, PRETRAIN = 501, 500
 FINETUNE, FROM_SCRATCH = 'nnScreenerFinetuneTrainer_tiny', 'nnScreenerFromScratchTrainer_tiny'
 
 
-def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: int = 24, num_unlabeled: int = 24,
+def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: int = 18, num_unlabeled: int = 24,
              lowshot_n: int = 10, folds: int = 3, num_processes: int = 2) -> dict:
     for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         os.environ[k] = os.path.abspath(join(folder, k))
@@ -50,8 +51,9 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
     _step(f'5/6 low-shot fine-tuning: {folds} folds x {lowshot_n} labeled cases, distilled init vs scratch')
     write_lowshot_splits(TARGET, lowshot_n, folds, seed=0, overwrite=True)
     for fold in range(folds):
-        _finetune(fold, FROM_SCRATCH, None, device)
-        _finetune(fold, FINETUNE, stage_checkpoint('Dataset501_ScreenerPhantomLesions', 'distillation'), device)
+        _finetune(fold, FROM_SCRATCH, None, device, num_processes)
+        _finetune(fold, FINETUNE, stage_checkpoint('Dataset501_ScreenerPhantomLesions', 'distillation'), device,
+                  num_processes)
     _step('6/6 comparison (paired Wilcoxon signed-rank test across folds)')
     comparison = compare_trainers(TARGET, FROM_SCRATCH, FINETUNE, SCREENER_PLANS_NAME, tuple(range(folds)))
     print(f'\nDemo finished; everything is under {os.path.abspath(folder)}')
@@ -68,15 +70,19 @@ def _maps_and_metrics(raw: str, folder: str, kind: str, device: str) -> dict:
     return evaluate_anomaly_maps(out, join(raw, 'labelsTr'), join(out, 'evaluation'), n_threshold_cases=4)
 
 
-def _finetune(fold: int, trainer: str, pretrained_weights, device: str) -> None:
-    from nnunetv2.run.run_training import run_training
+def _finetune(fold: int, trainer: str, pretrained_weights, device: str, num_processes: int) -> None:
+    """Stock `nnUNetv2_train`, as a user would run it; nnU-Net's worker counts are capped for small machines
+    (its defaults start 8 export and 12 augmentation processes)."""
     output = glob.glob(join(os.environ['nnUNet_results'], 'Dataset501_*',
                             f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}', f'fold_{fold}'))
     if output and isfile(join(output[0], 'validation', 'summary.json')):
         print(f'{trainer} fold {fold}: done earlier')
         return
-    run_training(str(TARGET), CONFIGURATION, fold, trainer, SCREENER_PLANS_NAME, pretrained_weights,
-                 device=torch.device(device))
+    command = ['nnUNetv2_train', str(TARGET), CONFIGURATION, str(fold), '-p', SCREENER_PLANS_NAME, '-tr', trainer,
+               '-device', device] + (['-pretrained_weights', pretrained_weights] if pretrained_weights else [])
+    print(' '.join(command), flush=True)
+    env = {'nnUNet_def_n_proc': str(num_processes), 'nnUNet_n_proc_DA': str(num_processes), **os.environ}
+    subprocess.run(command, env=env, check=True)
 
 
 @exit_on_input_error

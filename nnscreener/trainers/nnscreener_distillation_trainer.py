@@ -16,11 +16,16 @@ from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 from nnscreener.training.stages import modular_screener
 
 
+TARGET_CLAMP = 10.0
+
+
 class DistillationObjective(nn.Module):
     """MSE between the student's output and the teacher's map, both in standardised units.
 
-    NLL maps have an arbitrary offset and scale (tens of nats); the target is standardised with the teacher's
-    mean / sd of the first batch (kept as buffers, so distilled inference can undo it).
+    NLL maps have an arbitrary offset and scale and heavy tails (single voxels of thousands of nats, which would
+    dominate an MSE): the target is standardised robustly with the median and MAD-based sd of the teacher's first
+    batch (buffers, so distilled inference can undo it) and clamped to +-TARGET_CLAMP sd. The ranking of all but
+    the most extreme voxels is kept.
     """
 
     def __init__(self, student: nn.Module, teacher: ModularScreener):
@@ -33,10 +38,12 @@ class DistillationObjective(nn.Module):
         with torch.no_grad():
             target = self.teacher(batch['data'][:, CLAHE:CLAHE + 1], batch['crop_start'], upsample=True).float()
             if self.target_sd == 0:
-                self.target_mean.fill_(target.mean())
-                self.target_sd.fill_(target.std().clamp_min(1e-6))
+                median = target.median()
+                self.target_mean.fill_(median)
+                self.target_sd.fill_((1.4826 * (target - median).abs().median()).clamp_min(1e-6))
+            target = ((target - self.target_mean) / self.target_sd).clamp(-TARGET_CLAMP, TARGET_CLAMP)
         prediction = self.network(batch['data'][:, STOCK:STOCK + 1]).float()
-        loss = F.mse_loss(prediction, (target - self.target_mean) / self.target_sd)
+        loss = F.mse_loss(prediction, target)
         return loss, {}
 
 

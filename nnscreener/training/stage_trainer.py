@@ -164,7 +164,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
                 'step': self.current_step,
                 'objective_weights': _uncompiled_state_dict(self.objective),
                 'history': self.history.state_dict(),
-                'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()},
+                'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+                        'cuda': torch.cuda.get_rng_state_all() if self.device.type == 'cuda' else None},
                 'plans_screener': self.screener,
             },
         }
@@ -186,6 +187,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         torch.set_rng_state(state['rng']['torch'].cpu())
         np.random.set_state(state['rng']['numpy'])
         random.setstate(state['rng']['python'])
+        if self.device.type == 'cuda' and state['rng'].get('cuda') is not None:  # jitter and masking draw on the GPU
+            torch.cuda.set_rng_state_all([s.cpu() for s in state['rng']['cuda']])
         self.print_to_log_file(f'resumed from step {self.current_step}')
 
 
