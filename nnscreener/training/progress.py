@@ -31,6 +31,8 @@ class LossHistory:
         import matplotlib.pyplot as plt
         from nnscreener.utilities.io import atomic_path
         keys = list(self.values)
+        if not keys:  # nothing trained yet
+            return
         fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
         for ax, k in zip(axes[:, 0], keys):
             ax.plot(self.steps, self.values[k], lw=0.8)
