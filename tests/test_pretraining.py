@@ -74,17 +74,17 @@ def _features(network, x):
 
 def test_condition_model_is_more_masking_invariant_than_descriptor(pretrained_world, monkeypatch):
     """On held-out crops (the labeled target set), masking changes conditions less than descriptors."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
     from nnscreener.ssl.masking import BlockMasking
     from nnscreener.training.data_loaders import CLAHE, RandomCropLoader
     from nnscreener.training.stages import load_frozen_unet
     for k, v in pretrained_world[0].items():
         monkeypatch.setenv(k, v)
-    trainer_plans = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']['plans_screener']
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    plans = PlansManager(load_json(join(os.path.dirname(stage_folder(NAME, 'condition')), 'plans.json')))
-    config = plans.get_configuration('3d_fullres')
-    from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
+    condition_state = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']
+    trainer_plans = condition_state['plans_screener']
+    config = PlansManager(join(os.path.dirname(stage_folder(NAME, 'condition')), 'plans.json')).get_configuration(
+        '3d_fullres')
     cache = ScreenerCache(screener_cache_folder(join(os.environ['nnUNet_preprocessed'], NAME), config))
     cache.entries = {k: e for k, e in cache.entries.items() if k.startswith(NAME)}  # the held-out labeled set
     batch = RandomCropLoader(cache, 8, config.patch_size, seed=7).generate_train_batch()
@@ -95,8 +95,7 @@ def test_condition_model_is_more_masking_invariant_than_descriptor(pretrained_wo
     for stage, dim in (('descriptor', trainer_plans['descriptor_dim']), ('condition', trainer_plans['condition_dim'])):
         network = load_frozen_unet(NAME, stage, config, dim, torch.device('cpu'))
         if stage == 'condition':  # the learned mask token is part of the condition model's training state
-            state = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']['objective_weights']
-            masking.mask_token.data.copy_(state['masking.mask_token'])
+            masking.mask_token.data.copy_(condition_state['objective_weights']['masking.mask_token'])
         masked, mask = masking(x, torch.Generator().manual_seed(1))
         clean, corrupted = _features(network, x), _features(network, masked)
         # relative change of the feature maps, normalised by the features' own spread

@@ -5,6 +5,7 @@ Every density model here is a per-voxel bijection y[p] <-> z[p] onto a standard 
     -log q(y[p] | c[p]) = 0.5 ||z[p]||^2 + d_y/2 log(2 pi) - log|det dz[p]/dy[p]|.
 """
 import math
+from abc import ABCMeta, abstractmethod
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ def zero_output_layer_(conv: nn.Conv3d) -> None:
     nn.init.zeros_(conv.bias)
 
 
-class DensityModel(nn.Module):
+class DensityModel(nn.Module, metaclass=ABCMeta):
     """Voxel-wise density q(y[p] | c[p]) of descriptor maps y (B, d_y, z, y, x) given condition maps c.
 
     Subclasses implement the per-voxel bijection (`forward`, `inverse`) and `initialize_from_data`;
@@ -57,17 +58,17 @@ class DensityModel(nn.Module):
         self.d_c = d_c
         self.conditional = d_c > 0
 
+    @abstractmethod
     def forward(self, y: torch.Tensor, c: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps y to base space: returns z (B, d_y, z, y, x) and log|det dz/dy| per voxel (B, z, y, x)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def inverse(self, z: torch.Tensor, c: torch.Tensor = None) -> torch.Tensor:
         """Maps base-space z back to descriptors y (B, d_y, z, y, x)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def initialize_from_data(self, y: torch.Tensor, c: torch.Tensor = None) -> None:
         """Data-dependent initialisation from one batch (call once, before training)."""
-        raise NotImplementedError
 
     def nll(self, y: torch.Tensor, c: torch.Tensor = None) -> torch.Tensor:
         """Voxel-wise -log q(y[p] | c[p]) in nats, (B, z, y, x), at least float32 (also under autocast).

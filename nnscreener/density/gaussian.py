@@ -4,6 +4,8 @@
 Written as the affine bijection z = (y - mu) / sigma onto N(0, I) with log|det dz/dy| = -0.5 sum log sigma^2,
 so `DensityModel.nll` gives exactly the formula above with const = d_y/2 log(2 pi).
 """
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
@@ -19,9 +21,9 @@ def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _DiagonalGaussian(DensityModel):
     """The affine bijection shared by both Gaussians; subclasses say where mu and log sigma^2 come from."""
 
+    @abstractmethod
     def mean_and_log_var(self, c: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mu and log sigma^2, broadcastable to (B, d_y, z, y, x)."""
-        raise NotImplementedError
 
     def forward(self, y: torch.Tensor, c: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
         """z = (y - mu) / sigma and log|det dz/dy| = -0.5 sum_i log sigma_i^2 per voxel."""
