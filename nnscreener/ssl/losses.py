@@ -8,11 +8,24 @@ The MLPs follow Screener's code (vox2vec): Linear-LayerNorm-GELU blocks and a fi
 belong to the loss module: give them to the optimiser together with the network's.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from nnscreener.density.base import at_least_float32
 from nnscreener.utilities.errors import ScreenerInputError
+
+
+def gather_across_ranks(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' embeddings (N_total, d) under DDP, differentiably, so that VICReg's variance / covariance and
+    InfoNCE's negatives see the whole global batch, as in VICReg's own multi-GPU code. A no-op without DDP.
+
+    Every rank then computes the same loss; all_gather's backward sums the gradients of each rank's slice over the
+    ranks, and DDP's gradient averaging divides by the world size again."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(z), dim=0)
 
 
 def mlp(d_in: int, dims) -> nn.Module:
@@ -67,8 +80,8 @@ class DenseVICReg(nn.Module):
         self.eps = eps
 
     def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        z1 = self.expander(y1.reshape(-1, y1.shape[-1]))
-        z2 = self.expander(y2.reshape(-1, y2.shape[-1]))
+        z1 = gather_across_ranks(self.expander(y1.reshape(-1, y1.shape[-1])))
+        z2 = gather_across_ranks(self.expander(y2.reshape(-1, y2.shape[-1])))
         terms = vicreg_terms(z1, z2, self.eps)
         loss = sum(self.weights[k] * terms[k] for k in terms)
         return loss, {k: v.detach() for k, v in terms.items()}
@@ -105,8 +118,8 @@ class DenseInfoNCE(nn.Module):
         self.tau = tau
 
     def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        z1 = F.normalize(at_least_float32(self.projector(y1.reshape(-1, y1.shape[-1]))), dim=1)
-        z2 = F.normalize(at_least_float32(self.projector(y2.reshape(-1, y2.shape[-1]))), dim=1)
+        z1 = gather_across_ranks(F.normalize(at_least_float32(self.projector(y1.reshape(-1, y1.shape[-1]))), dim=1))
+        z2 = gather_across_ranks(F.normalize(at_least_float32(self.projector(y2.reshape(-1, y2.shape[-1]))), dim=1))
         loss = info_nce(z1, z2, self.tau)
         return loss, {'infonce': loss.detach(), 'positive_cosine': (z1 * z2).sum(dim=1).mean().detach()}
 
