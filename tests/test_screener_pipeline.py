@@ -109,3 +109,24 @@ def test_density_variants_train_and_serve_the_modular_model(pretrained_world, mo
     with pytest.raises(ScreenerInputError, match='sin-cos'):
         predict(images, str(tmp_path / 'sincos'), TARGET_ID, 'modular', 'cpu',
                 density_trainer='nnScreenerDensityTrainer_sincosGaussian')
+
+
+def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_world, monkeypatch, tmp_path):
+    import shutil
+    import pytest
+    from nnscreener.utilities.errors import ScreenerInputError
+    env, _ = pretrained_world
+    trainer_folder = 'nnScreenerDistillationTrainer__nnScreenerPlans__3d_fullres'
+    copy = tmp_path / NAME / trainer_folder
+    shutil.copytree(join(env['nnUNet_results'], NAME, trainer_folder), copy)
+    plans = json.load(open(copy / 'plans.json'))
+    arch = plans['configurations']['3d_fullres']['architecture']['arch_kwargs']
+    arch['features_per_stage'] = [2 * f for f in arch['features_per_stage']]  # plans edited after training
+    json.dump(plans, open(copy / 'plans.json', 'w'))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    images, _ = _labeled_cases(env, n=1)
+    with pytest.raises(ScreenerInputError, match='does not fit its plans') as info:
+        predict(images, str(tmp_path / 'maps'), TARGET_ID, 'distilled', 'cpu')
+    assert '\n' not in str(info.value)
