@@ -25,6 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from nnscreener.training.stage_trainer import shutdown_loader
+
 
 def timed(fn, n: int, warmup: int = 2, device=None) -> float:
     """Seconds per call of fn, after warm-up (compile, cudnn autotune)."""
@@ -81,16 +83,14 @@ def bench_limit(trainer, device) -> dict:
 def bench_stage(trainer, n: int, device) -> float:
     loader = trainer.build_loader(seed=0)
     sec = timed(lambda: trainer.train_step(next(loader)), n, device=device)
-    if hasattr(loader, '_finish'):
-        loader._finish()
+    shutdown_loader(loader)
     return 1 / sec
 
 
 def bench_loader(trainer, n: int) -> float:
     loader = trainer.build_loader(seed=0)
     sec = timed(lambda: next(loader), n)
-    if hasattr(loader, '_finish'):
-        loader._finish()
+    shutdown_loader(loader)
     return 1 / sec
 
 
@@ -98,9 +98,7 @@ def finish_stage(trainer) -> None:
     """Writes a checkpoint_final so the next stage can load this one (weights barely trained: speed only)."""
     trainer.current_step = trainer.num_steps
     trainer.save_checkpoint(join(trainer.output_folder, 'checkpoint_final.pth'))
-    from batchgenerators.utilities.file_and_folder_operations import save_json
-    save_json(trainer.plans_manager.plans, join(trainer.output_folder_base, 'plans.json'), sort_keys=False)
-    save_json(trainer.dataset_json, join(trainer.output_folder_base, 'dataset.json'), sort_keys=False)
+    trainer.save_plans_and_dataset_json()
 
 
 def synthetic_ct(path: str, shape_zyx) -> None:

@@ -92,8 +92,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         if not self.was_initialized:
             self.initialize()
         maybe_mkdir_p(self.output_folder)
-        save_json(self.plans_manager.plans, join(self.output_folder_base, 'plans.json'), sort_keys=False)
-        save_json(self.dataset_json, join(self.output_folder_base, 'dataset.json'), sort_keys=False)
+        self.save_plans_and_dataset_json()
         # a resumed run draws new (but reproducible) data: the loader's workers cannot be checkpointed
         loader = self.build_loader(seed=self.seed + 1000 * self.current_step + self.local_rank)
         self.print_to_log_file(f'{self.__class__.__name__}: steps {self.current_step} -> {self.num_steps}')
@@ -111,8 +110,13 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.save_checkpoint(join(self.output_folder, 'checkpoint_final.pth'))
         if self.local_rank == 0 and isfile(join(self.output_folder, 'checkpoint_latest.pth')):
             os.remove(join(self.output_folder, 'checkpoint_latest.pth'))
-        _shutdown(loader)
+        shutdown_loader(loader)
         empty_cache(self.device)
+
+    def save_plans_and_dataset_json(self) -> None:
+        """What later stages and `nnScreener_predict` load this stage with (as nnU-Net does for inference)."""
+        save_json(self.plans_manager.plans, join(self.output_folder_base, 'plans.json'), sort_keys=False)
+        save_json(self.dataset_json, join(self.output_folder_base, 'dataset.json'), sort_keys=False)
 
     def train_step(self, batch: dict) -> dict:
         batch = {k: torch.as_tensor(v).to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -201,7 +205,8 @@ def _load_uncompiled_state_dict(module: nn.Module, state: dict) -> None:
     module.load_state_dict({own[k]: v for k, v in state.items()})
 
 
-def _shutdown(loader) -> None:
+def shutdown_loader(loader) -> None:
+    """Stops the worker processes of nnU-Net's multi-process augmenter (no-op for in-process loaders)."""
     if hasattr(loader, '_finish'):
         loader._finish()
 
