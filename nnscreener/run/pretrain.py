@@ -15,14 +15,17 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.training.stage_trainer import SEED_ENV
 from nnscreener.training.stages import PRETRAIN_FOLD, STAGE_TRAINERS, stage_checkpoint
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
 
 def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str = None, continue_: bool = False,
-             device: str = 'cuda', num_gpus: int = 1, density_trainer: str = None) -> dict:
+             device: str = 'cuda', num_gpus: int = 1, density_trainer: str = None, seed: int = None) -> dict:
     """Runs the requested stages in order; returns {stage: checkpoint_final.pth}.
+
+    seed: training seed of every stage (sets the nnScreener_seed environment variable; default: as set, else 0).
 
     density_trainer: a variant of nnScreenerDensityTrainer for the density stage (ablations); the distillation
     teacher always uses the default density stage.
@@ -34,6 +37,8 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
     if unknown:
         raise ScreenerInputError(f'unknown stage(s) {unknown}; choose from {list(STAGE_TRAINERS)}')
     trainers = {**STAGE_TRAINERS, 'density': density_trainer or STAGE_TRAINERS['density']}
+    if seed is not None:
+        os.environ[SEED_ENV] = str(seed)
     for stage in [s for s in STAGE_TRAINERS if s in stages]:  # paper order, whatever order was typed
         checkpoint = stage_checkpoint(name, stage, trainers[stage])
         if continue_ and isfile(checkpoint):
@@ -114,9 +119,11 @@ def pretrain_entry():
     parser.add_argument('--density_trainer', default=None,
                         help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _marginalGaussian, '
                              '_marginalFlow, _sincosGaussian (default: as planned)')
+    parser.add_argument('-seed', type=int, default=None,
+                        help='training seed of every stage (default: $nnScreener_seed, else 0)')
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ScreenerInputError('no CUDA device available: pass -device cpu (slow) or run on a GPU machine')
     for stage, checkpoint in pretrain(args.d, args.stages, args.preset, args.c, args.device, args.num_gpus,
-                                      args.density_trainer).items():
+                                      args.density_trainer, args.seed).items():
         print(f'{stage}: {checkpoint}')

@@ -30,6 +30,13 @@ from nnscreener.training.progress import LossHistory
 from nnscreener.utilities.io import atomic_path
 
 LOG_EVERY = 10
+# Training seed of every stage (weights init, crops); an environment variable like nnU-Net's own knobs, so DDP
+# workers and torchrun launches see it. `nnScreener_pretrain -seed` sets it.
+SEED_ENV = 'nnScreener_seed'
+
+
+def training_seed() -> int:
+    return int(os.environ.get(SEED_ENV, 0))
 
 
 class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
@@ -45,7 +52,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.num_steps = int(self.hparams['num_steps'])
         self.checkpoint_every = int(self.screener['checkpoint_every'])
         self.current_step = 0
-        self.seed = 12345 + sum(map(ord, self.__class__.__name__))  # stages draw different crops and inits
+        # stages draw different crops and inits; seeds of one stage lie 7919 (a prime) apart
+        self.seed = 12345 + 7919 * training_seed() + sum(map(ord, self.__class__.__name__))
         self.enable_deep_supervision = False
         self.history = LossHistory()
         self.objective = None
@@ -95,7 +103,8 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.save_plans_and_dataset_json()
         # a resumed run draws new (but reproducible) data: the loader's workers cannot be checkpointed
         loader = self.build_loader(seed=self.seed + 1000 * self.current_step + self.local_rank)
-        self.print_to_log_file(f'{self.__class__.__name__}: steps {self.current_step} -> {self.num_steps}')
+        self.print_to_log_file(f'{self.__class__.__name__}: steps {self.current_step} -> {self.num_steps}, '
+                               f'{SEED_ENV}={training_seed()}')
         self.objective.train()
         t0, step0 = time.time(), self.current_step
         while self.current_step < self.num_steps:
