@@ -32,10 +32,12 @@ class FnModel:
     """A `PatchAnomalyModel` from a function of (stock, clahe); records the shapes it was called with."""
 
     def __init__(self, fn, patch_size=PATCH):
-        self.fn, self.patch_size, self.device, self.calls = fn, tuple(patch_size), torch.device('cpu'), []
+        self.fn, self.patch_size, self.device = fn, tuple(patch_size), torch.device('cpu')
+        self.calls, self.starts = [], []
 
-    def __call__(self, stock, clahe):
+    def __call__(self, stock, clahe, crop_start):
         self.calls.append(tuple(stock.shape))
+        self.starts.append(crop_start)
         return self.fn(stock, clahe)
 
 
@@ -132,6 +134,27 @@ def test_small_volume_is_zero_padded_and_cropped_back():
     assert model.calls and all(call[2:] == PATCH for call in model.calls)
     padded = sliding_window_anomaly_map(volume, volume, FnModel(lambda s, c: (s == 0).float()))
     assert padded.max() == 0  # no padding voxel leaks into the cropped-back map
+
+
+class PositionModel(FnModel):
+    """Maps every voxel to its absolute position computed from crop_start: z * 10000 + y * 100 + x."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def __call__(self, stock, clahe, crop_start):
+        grids = torch.meshgrid(*(torch.arange(p) for p in self.patch_size), indexing='ij')
+        start = crop_start.float()[:, :, None, None, None]
+        z, y, x = (g[None] + start[:, a] for a, g in enumerate(grids))
+        return (z * 10000 + y * 100 + x)[:, None]
+
+
+@pytest.mark.parametrize('shape', [(45, 70, 101), (10, 20, 60)])  # the second is padded in z and y
+def test_patch_positions_are_absolute_positions_in_the_volume(shape):
+    """Sin-cos conditions are computed from crop_start: it must name each patch's voxel in the unpadded volume."""
+    out = sliding_window_anomaly_map(np.zeros(shape, np.float32), np.zeros(shape, np.float32), PositionModel())
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing='ij')
+    np.testing.assert_allclose(out, z * 10000 + y * 100 + x, atol=0.05)
 
 
 def test_model_with_wrong_output_shape_is_refused():

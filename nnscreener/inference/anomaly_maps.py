@@ -39,8 +39,10 @@ class PatchAnomalyModel(Protocol):
     patch_size: Tuple[int, int, int]  # (z, y, x), the plans' patch
     device: torch.device
 
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
         """stock, clahe: (B, 1, *patch_size) in [0, 1] on `device` (stock nnU-Net input and its CLAHE).
+        crop_start: (B, 3) long, CPU: (z, y, x) voxel of each patch's first voxel in the volume the sliding window
+        runs over (the body box), exactly like the training loaders' `crop_start`.
         Returns the anomaly map (B, 1, z', y', x') at the patch resolution or lower (e.g. pooled by (2, 3, 3))."""
 
 

@@ -26,8 +26,8 @@ class ModularPatchModel:
     def __init__(self, screener: nn.Module, patch_size, device: torch.device):
         self.screener, self.patch_size, self.device = screener.eval(), tuple(patch_size), device
 
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
-        return self.screener(clahe)
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
+        return self.screener(clahe, crop_start)
 
 
 class DistilledPatchModel:
@@ -38,7 +38,7 @@ class DistilledPatchModel:
         self.network, self.patch_size, self.device = network.eval(), tuple(patch_size), device
         self.target_mean, self.target_sd = target_mean, target_sd
 
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
         return self.network(stock) * self.target_sd + self.target_mean
 
 
@@ -58,12 +58,8 @@ def load_patch_model(name: str, kind: str, device: torch.device,
     patch = configuration_manager.patch_size
     try:
         if kind == 'modular':
-            screener_model = modular_screener(name, configuration_manager, screener, device,
-                                              density_trainer=density_trainer)
-            if screener_model.condition_kind == 'sincos':
-                raise ScreenerInputError('sin-cos conditions are a training-time ablation baseline: whole-CT '
-                                         'inference supports learned or no conditions')
-            model = ModularPatchModel(screener_model, patch, device)
+            model = ModularPatchModel(modular_screener(name, configuration_manager, screener, device,
+                                                       density_trainer=density_trainer), patch, device)
         else:
             checkpoint, state = load_stage_network(stage_checkpoint(name, 'distillation'), device)
             network = build_plans_unet(configuration_manager, 1).to(device)

@@ -40,6 +40,7 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
                          f'{tuple(clahe.shape)}')
     # zero = -1000 HU (air) after CTNormalization: small volumes are padded with air, as nnU-Net does
     stock, slicer = pad_nd_image(stock, patch_size, 'constant', {'value': 0}, True)
+    padding_before = torch.tensor([s.start for s in slicer])
     clahe = pad_nd_image(clahe, patch_size, 'constant', {'value': 0})
     shape = tuple(stock.shape)
 
@@ -57,8 +58,11 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         for first in range(0, len(slicers), batch_size):
             batch = slicers[first:first + batch_size]
+            # patch positions in the unpadded volume, as the loaders' crop_start (sin-cos conditions read them)
+            crop_start = torch.tensor([[s.start for s in patch] for patch in batch]) - padding_before
             maps = _patch_maps(model, torch.stack([stock[s] for s in batch])[:, None].to(device, non_blocking=True),
-                               torch.stack([clahe[s] for s in batch])[:, None].to(device, non_blocking=True))
+                               torch.stack([clahe[s] for s in batch])[:, None].to(device, non_blocking=True),
+                               crop_start)
             maps = maps.to(accumulation_device)
             for s, m in zip(batch, maps):
                 total[s] += m
@@ -67,9 +71,9 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
     return total[slicer].cpu().numpy()
 
 
-def _patch_maps(model, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+def _patch_maps(model, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
     """(B, z, y, x) float32 maps at the patch size; the model may return them at a lower resolution."""
-    maps = model(stock, clahe)
+    maps = model(stock, clahe, crop_start)
     patch_size = tuple(stock.shape[2:])
     if maps.ndim != 5 or maps.shape[:2] != (stock.shape[0], 1) or \
             any(m > p for m, p in zip(maps.shape[2:], patch_size)):
