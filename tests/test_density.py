@@ -263,3 +263,34 @@ def test_pool_and_noise():
     torch.testing.assert_close(noisy, pool_and_noise(features, generator=torch.Generator().manual_seed(3)))
     big = torch.zeros(1, 4, 40, 60, 60)
     assert abs(pool_and_noise(big).std().item() - 0.1) < 0.005
+
+
+def test_intensity_histogram_density_is_multimodal_and_conditional():
+    """The intensity baseline's density: intensities are two-moded at a position (lung or muscle), and a value
+    between the modes must score as anomalous, which a Gaussian (mode in the middle) gets backwards. The condition
+    tells the positions apart."""
+    from nnscreener.baselines.intensity import ConditionalHistogramDensity
+    torch.manual_seed(0)
+    c = torch.zeros(8, 2, 4, 4, 4)
+    c[:4, 0] = 1  # position kind A: lung (0.1) or muscle (0.8) at random; kind B: always muscle
+    c[4:, 1] = 1
+
+    def sample():
+        y = torch.where(torch.rand(8, 1, 4, 4, 4) < 0.5, 0.1, 0.8)
+        y[4:] = 0.8
+        return y + 0.01 * torch.randn_like(y)
+
+    model = ConditionalHistogramDensity(d_c=2, n_bins=16, hidden_channels=16, kernel_size=1)
+    model.initialize_from_data(sample(), c)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        loss = model.nll(sample(), c).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        score = {v: model.nll(torch.full((8, 1, 4, 4, 4), v), c) for v in (0.1, 0.45, 0.8)}
+    assert score[0.45][:4].mean() > score[0.1][:4].mean() + 2 and score[0.45][:4].mean() > score[0.8][:4].mean() + 2
+    assert score[0.1][4:].mean() > score[0.1][:4].mean() + 2  # lung where only muscle was seen
+    gaussian = torch.distributions.Normal(0.45, 0.35)  # the ML Gaussian of kind A's values
+    assert -gaussian.log_prob(torch.tensor(0.45)) < -gaussian.log_prob(torch.tensor(0.1))  # what it gets wrong

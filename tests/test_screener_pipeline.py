@@ -129,3 +129,45 @@ def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_w
     with pytest.raises(ScreenerInputError, match='does not fit its plans') as info:
         predict(images, str(tmp_path / 'maps'), TARGET_ID, 'distilled', 'cpu')
     assert '\n' not in str(info.value)
+
+
+def _plant_hypodense_blob(image_file, out_file, radius_mm=6.0, hu=-500):
+    """Writes the CT with a -500 HU sphere in the middle of its soft tissue; returns the sphere and body masks."""
+    from scipy.ndimage import binary_erosion
+    image = sitk.ReadImage(image_file)
+    ct = sitk.GetArrayFromImage(image)
+    soft_tissue = np.argwhere(binary_erosion((ct > 0) & (ct < 120), iterations=3))
+    centre = soft_tissue[len(soft_tissue) // 2]
+    grid = np.indices(ct.shape).transpose(1, 2, 3, 0)
+    blob = (((grid - centre) * image.GetSpacing()[::-1]) ** 2).sum(-1) < radius_mm ** 2
+    planted = sitk.GetImageFromArray(np.where(blob, hu, ct).astype(ct.dtype))
+    planted.CopyInformation(image)
+    sitk.WriteImage(planted, out_file)
+    return blob, ct > -500
+
+
+def test_benchmark_baselines_score_a_planted_lesion_high(pretrained_world, monkeypatch, tmp_path):
+    """The non-Screener baselines of benchmarks/quality, q(HU | position) and the autoencoder's reconstruction
+    error: a -500 HU sphere planted in soft tissue must raise their map there, above most of the body."""
+    from nnscreener.run.pretrain import pretrain
+    env, _ = pretrained_world
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    images, _ = _labeled_cases(env, n=1)
+    blob, body = _plant_hypodense_blob(images[0], str(tmp_path / 'planted_0000.nii.gz'))
+    runs = {'intensity': ('modular', 'nnScreenerDensityTrainer_intensity'),
+            'autoencoder': ('autoencoder', 'nnScreenerAutoencoderTrainer')}
+    for name, (kind, trainer) in runs.items():
+        pretrain(TARGET_ID, stages=['density'], device='cpu', density_trainer=trainer)
+        maps = []
+        for image in (images[0], str(tmp_path / 'planted_0000.nii.gz')):
+            record, = predict([image], str(tmp_path / name / os.path.basename(image)), TARGET_ID, kind, 'cpu',
+                              density_trainer=trainer if kind == 'modular' else None)
+            maps.append(sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map'])))
+        healthy, planted = maps
+        assert planted[blob].mean() > healthy[blob].mean(), name
+        assert (planted[body & ~blob] < planted[blob].mean()).mean() > 0.75, name
+    plans = json.load(open(join(env['nnUNet_results'], NAME, 'nnScreenerDensityTrainer_intensity__nnScreenerPlans__'
+                                                               '3d_fullres', 'plans.json')))
+    assert plans['screener']['descriptor'] == 'intensity' and plans['screener']['density']['model'] == \
+        'conditional_histogram'

@@ -12,21 +12,27 @@ from nnscreener.density.conditions import sincos_condition_map
 from nnscreener.density.pooling import pool_and_noise
 
 CONDITION_KINDS = ('learned', 'none', 'sincos')
+DESCRIPTOR_INPUTS = ('clahe', 'stock')  # Screener's descriptors read CLAHE; the intensity baseline reads the HU input
 
 
 class ModularScreener(nn.Module):
     def __init__(self, descriptor: nn.Module, density: nn.Module, condition_kind: str = 'learned',
                  condition: Optional[nn.Module] = None, condition_dim: int = 0,
-                 pool_stride: Sequence[int] = (2, 3, 3)):
+                 pool_stride: Sequence[int] = (2, 3, 3), descriptor_input: str = 'clahe'):
         super().__init__()
-        if condition_kind not in CONDITION_KINDS:
-            raise ValueError(f'condition kind {condition_kind!r} not in {CONDITION_KINDS}')
+        if condition_kind not in CONDITION_KINDS or descriptor_input not in DESCRIPTOR_INPUTS:
+            raise ValueError(f'condition kind {condition_kind!r} not in {CONDITION_KINDS} or descriptor input '
+                             f'{descriptor_input!r} not in {DESCRIPTOR_INPUTS}')
         self.descriptor, self.condition, self.density = descriptor, condition, density
         self.condition_kind, self.condition_dim = condition_kind, condition_dim
-        self.pool_stride = tuple(pool_stride)
+        self.pool_stride, self.descriptor_input = tuple(pool_stride), descriptor_input
+
+    def select_input(self, stock: torch.Tensor, clahe: torch.Tensor) -> torch.Tensor:
+        """The input channel the descriptor reads; everything downstream calls the model on it."""
+        return clahe if self.descriptor_input == 'clahe' else stock
 
     def features(self, clahe: torch.Tensor, crop_start: Optional[torch.Tensor] = None, noise_sd: float = 0.0):
-        """Pooled descriptors y and conditions c (or None) of CLAHE crops (B, 1, *patch).
+        """Pooled descriptors y and conditions c (or None) of CLAHE crops (B, 1, *patch) (of `select_input`).
 
         crop_start (B, 3): voxel position of each crop in the whole volume, needed by sin-cos conditions only.
         """

@@ -1,4 +1,5 @@
-"""`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener."""
+"""`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener (or the
+autoencoder baseline of the quality benchmark)."""
 import argparse
 import os
 from os.path import isfile, join
@@ -6,9 +7,10 @@ from typing import Tuple
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnscreener.baselines.autoencoder import build_autoencoder, reconstruction_error_map
 from nnscreener.inference.anomaly_maps import predict_anomaly_maps
 from nnscreener.planners.screener_planner import CONFIGURATION
 from nnscreener.training.networks import build_plans_unet
@@ -17,7 +19,11 @@ from nnscreener.training.stages import modular_screener, stage_checkpoint, stage
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, require_env
 
-MODEL_KINDS = ('modular', 'distilled')
+AUTOENCODER_TRAINER = 'nnScreenerAutoencoderTrainer'
+# model kind -> (stage, trainer) whose result folder holds the plans.json / dataset.json it was trained with
+MODEL_FOLDERS = {'modular': ('density', None), 'distilled': ('distillation', None),
+                 'autoencoder': ('density', AUTOENCODER_TRAINER)}
+MODEL_KINDS = tuple(MODEL_FOLDERS)
 
 
 class ModularPatchModel:
@@ -27,7 +33,7 @@ class ModularPatchModel:
         self.screener, self.patch_size, self.device = screener.eval(), tuple(patch_size), device
 
     def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
-        return self.screener(clahe, crop_start)
+        return self.screener(self.screener.select_input(stock, clahe), crop_start)
 
 
 class DistilledPatchModel:
@@ -42,35 +48,56 @@ class DistilledPatchModel:
         return self.network(stock) * self.target_sd + self.target_mean
 
 
+class AutoencoderPatchModel:
+    """Baseline: squared reconstruction error of the stock input, averaged over the density's pooling cells."""
+    uses_clahe = False
+
+    def __init__(self, autoencoder: nn.Module, pool_stride, patch_size, device: torch.device):
+        self.autoencoder, self.pool_stride = autoencoder.eval(), tuple(pool_stride)
+        self.patch_size, self.device = tuple(patch_size), device
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
+        return reconstruction_error_map(self.autoencoder, stock, self.pool_stride)
+
+
 def load_patch_model(name: str, kind: str, device: torch.device,
                      density_trainer: str = None) -> Tuple[object, PlansManager, dict]:
     """The trained model of dataset `name` with the plans and dataset.json it was trained with; `density_trainer`
     picks a density-stage variant for the modular model."""
     if kind not in MODEL_KINDS:
         raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
-    stage = 'density' if kind == 'modular' else 'distillation'
-    folder = os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else None))
+    stage, trainer = MODEL_FOLDERS[kind]
+    folder = os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else trainer))
     if not isfile(join(folder, 'plans.json')):
-        raise ScreenerInputError(f'no trained {kind} Screener for {name} in {folder}: run nnScreener_pretrain -d {name}')
+        raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run nnScreener_pretrain -d {name}'
+                                 + (' --stages density --density_trainer ' + trainer if trainer else ''))
     plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
     configuration_manager = plans_manager.get_configuration(CONFIGURATION)
-    screener = plans_manager.plans['screener']
-    patch = configuration_manager.patch_size
     try:
-        if kind == 'modular':
-            model = ModularPatchModel(modular_screener(name, configuration_manager, screener, device,
-                                                       density_trainer=density_trainer), patch, device)
-        else:
-            checkpoint, state = load_stage_network(stage_checkpoint(name, 'distillation'), device)
-            network = build_plans_unet(configuration_manager, 1).to(device)
-            network.load_state_dict(checkpoint['network_weights'])
-            weights = state['objective_weights']
-            model = DistilledPatchModel(network, float(weights['target_mean']), float(weights['target_sd']), patch,
-                                        device)
+        model = _build_patch_model(name, kind, plans_manager.plans['screener'], configuration_manager, device,
+                                   density_trainer)
     except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
         raise ScreenerInputError(f'a {kind} checkpoint of {name} does not fit its plans ({str(e).splitlines()[0]}); '
                                  f're-run nnScreener_pretrain with these plans')
     return model, plans_manager, load_json(join(folder, 'dataset.json'))
+
+
+def _build_patch_model(name: str, kind: str, screener: dict, configuration_manager: ConfigurationManager,
+                       device: torch.device, density_trainer: str = None):
+    patch = configuration_manager.patch_size
+    if kind == 'modular':
+        return ModularPatchModel(modular_screener(name, configuration_manager, screener, device,
+                                                  density_trainer=density_trainer), patch, device)
+    stage, trainer = MODEL_FOLDERS[kind]
+    checkpoint, state = load_stage_network(stage_checkpoint(name, stage, trainer), device)
+    if kind == 'distilled':
+        network = build_plans_unet(configuration_manager, 1).to(device)
+        network.load_state_dict(checkpoint['network_weights'])
+        weights = state['objective_weights']
+        return DistilledPatchModel(network, float(weights['target_mean']), float(weights['target_sd']), patch, device)
+    autoencoder = build_autoencoder(configuration_manager, screener['descriptor_dim']).to(device)
+    autoencoder.load_state_dict(checkpoint['network_weights'])
+    return AutoencoderPatchModel(autoencoder, screener['density']['pool_stride'], patch, device)
 
 
 def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',

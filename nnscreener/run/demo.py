@@ -6,19 +6,18 @@ written under one folder (default ./nnscreener_demo) with its own nnUNet_raw / _
 demo never touches a user's data; re-running it resumes where it stopped.
 """
 import argparse
-import glob
 import os
-import subprocess
-from os.path import isdir, isfile, join
+from os.path import isdir, join
 
 import torch
 
 from nnscreener.evaluation.compare import compare_trainers
 from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, map_agreement
 from nnscreener.finetuning.lowshot_splits import write_lowshot_splits
+from nnscreener.finetuning.nnunet_train import nnunet_train
 from nnscreener.inference.predict import predict
 from nnscreener.phantoms.make_phantoms import make_phantom_datasets
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.run.pretrain import pretrain
 from nnscreener.training.stages import stage_checkpoint
@@ -51,9 +50,9 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
     _step(f'5/6 low-shot fine-tuning: {folds} folds x {lowshot_n} labeled cases, distilled init vs scratch')
     write_lowshot_splits(TARGET, lowshot_n, folds, seed=0, overwrite=True)
     for fold in range(folds):
-        _finetune(fold, FROM_SCRATCH, None, device, num_processes)
-        _finetune(fold, FINETUNE, stage_checkpoint('Dataset501_ScreenerPhantomLesions', 'distillation'), device,
-                  num_processes)
+        nnunet_train(TARGET, fold, FROM_SCRATCH, None, device, num_processes)
+        nnunet_train(TARGET, fold, FINETUNE, stage_checkpoint('Dataset501_ScreenerPhantomLesions', 'distillation'),
+                     device, num_processes)
     _step('6/6 comparison (paired Wilcoxon signed-rank test across folds)')
     comparison = compare_trainers(TARGET, FROM_SCRATCH, FINETUNE, SCREENER_PLANS_NAME, tuple(range(folds)))
     print(f'\nDemo finished; everything is under {os.path.abspath(folder)}')
@@ -68,21 +67,6 @@ def _maps_and_metrics(raw: str, folder: str, kind: str, device: str) -> dict:
     out = join(folder, f'anomaly_maps_{kind}')
     predict(join(raw, 'imagesTr'), out, TARGET, kind, device, overlays=2, continue_=True)
     return evaluate_anomaly_maps(out, join(raw, 'labelsTr'), join(out, 'evaluation'), n_threshold_cases=4)
-
-
-def _finetune(fold: int, trainer: str, pretrained_weights, device: str, num_processes: int) -> None:
-    """Stock `nnUNetv2_train`, as a user would run it; nnU-Net's worker counts are capped for small machines
-    (its defaults start 8 export and 12 augmentation processes)."""
-    output = glob.glob(join(os.environ['nnUNet_results'], 'Dataset501_*',
-                            f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}', f'fold_{fold}'))
-    if output and isfile(join(output[0], 'validation', 'summary.json')):
-        print(f'{trainer} fold {fold}: done earlier')
-        return
-    command = ['nnUNetv2_train', str(TARGET), CONFIGURATION, str(fold), '-p', SCREENER_PLANS_NAME, '-tr', trainer,
-               '-device', device] + (['-pretrained_weights', pretrained_weights] if pretrained_weights else [])
-    print(' '.join(command), flush=True)
-    env = {'nnUNet_def_n_proc': str(num_processes), 'nnUNet_n_proc_DA': str(num_processes), **os.environ}
-    subprocess.run(command, env=env, check=True)
 
 
 @exit_on_input_error

@@ -3,10 +3,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nnscreener.baselines.intensity import INTENSITY_DIM
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.training.data_loaders import CLAHE, RandomCropLoader, multiprocess_loader
+from nnscreener.training.data_loaders import CLAHE, STOCK
 from nnscreener.training.stage_trainer import nnScreenerStageTrainer
-from nnscreener.training.stages import density_from_block, modular_screener
+from nnscreener.training.stages import HISTOGRAM_MODEL, density_from_block, modular_screener
 
 
 class DensityObjective(nn.Module):
@@ -24,8 +25,10 @@ class DensityObjective(nn.Module):
         self.register_buffer('initialized', torch.tensor(False))
 
     def forward(self, batch: dict):
+        data = batch['data']
         with torch.no_grad():
-            y, c = self.screener.features(batch['data'][:, CLAHE:CLAHE + 1], batch['crop_start'], self.noise_sd)
+            x = self.screener.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1])
+            y, c = self.screener.features(x, batch['crop_start'], self.noise_sd)
         y, c = y.float(), (c.float() if c is not None else None)
         if not self.initialized:
             self._initialize(y, c)
@@ -41,12 +44,18 @@ class DensityObjective(nn.Module):
         self.initialized.fill_(True)
 
 
+# Screener's noise sd 0.1 is relative to descriptors of unit scale; on [0, 1] intensities (1300 HU) it would blur
+# 130 HU, more than most lesions differ by. 0.01 (13 HU, the phantoms' noise level) just dequantises the histogram.
+INTENSITY_NOISE_SD = 0.01
+
+
 class nnScreenerDensityTrainer(nnScreenerStageTrainer):
     """Density model and conditions from the plans' `screener` block (default: learned conditions, conditional
     Gaussian). Variants below fix them for the paper's ablations; each writes its own result folder."""
     stage = 'density'
     density_model = None  # None: as planned
     condition_kind = None
+    intensity_descriptor = False  # the intensity baseline: the HU input in place of the learned descriptor
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -54,6 +63,9 @@ class nnScreenerDensityTrainer(nnScreenerStageTrainer):
         # hparams is the plans' dict, so the checkpoint's copy of the plans records what was trained
         self.hparams['model'] = self.density_model or self.hparams['model']
         self.hparams['condition'] = self.condition_kind or self.hparams['condition']
+        if self.intensity_descriptor:
+            self.screener.update(descriptor='intensity', descriptor_dim=INTENSITY_DIM)
+            self.hparams['noise_sd'] = INTENSITY_NOISE_SD
 
     def build_objective(self):
         kind = self.hparams['condition']
@@ -61,11 +73,6 @@ class nnScreenerDensityTrainer(nnScreenerStageTrainer):
         screener = modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.screener,
                                     self.device, density=density)
         return DensityObjective(screener, self.hparams['noise_sd'])
-
-    def build_loader(self, seed: int):
-        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
-                                  self.configuration_manager.patch_size, seed)
-        return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
 
 
 class nnScreenerDensityTrainer_flow(nnScreenerDensityTrainer):
@@ -85,3 +92,8 @@ class nnScreenerDensityTrainer_marginalFlow(nnScreenerDensityTrainer):
 class nnScreenerDensityTrainer_sincosGaussian(nnScreenerDensityTrainer):
     """The paper's positional baseline: sin-cos encodings of the voxel position + conditional Gaussian."""
     density_model, condition_kind = 'conditional_gaussian', 'sincos'
+
+
+class nnScreenerDensityTrainer_intensity(nnScreenerDensityTrainer):
+    """Non-Screener baseline: q(HU | position), a histogram of the pooled HU value given its sin-cos position."""
+    density_model, condition_kind, intensity_descriptor = HISTOGRAM_MODEL, 'sincos', True

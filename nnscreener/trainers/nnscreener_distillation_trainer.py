@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.training.data_loaders import CLAHE, STOCK, RandomCropLoader, multiprocess_loader
+from nnscreener.training.data_loaders import CLAHE, STOCK
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 from nnscreener.training.stages import modular_screener
@@ -36,13 +36,15 @@ class DistillationObjective(nn.Module):
 
     def forward(self, batch: dict):
         with torch.no_grad():
-            target = self.teacher(batch['data'][:, CLAHE:CLAHE + 1], batch['crop_start'], upsample=True).float()
+            data = batch['data']
+            target = self.teacher(self.teacher.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1]),
+                                  batch['crop_start'], upsample=True).float()
             if self.target_sd == 0:
                 median = target.median()
                 self.target_mean.fill_(median)
                 self.target_sd.fill_((1.4826 * (target - median).abs().median()).clamp_min(1e-6))
             target = ((target - self.target_mean) / self.target_sd).clamp(-TARGET_CLAMP, TARGET_CLAMP)
-        prediction = self.network(batch['data'][:, STOCK:STOCK + 1]).float()
+        prediction = self.network(data[:, STOCK:STOCK + 1]).float()
         loss = F.mse_loss(prediction, target)
         return loss, {}
 
@@ -54,8 +56,3 @@ class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
         teacher = modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.screener,
                                    self.device)
         return DistillationObjective(build_plans_unet(self.configuration_manager, 1), teacher)
-
-    def build_loader(self, seed: int):
-        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
-                                  self.configuration_manager.patch_size, seed)
-        return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')

@@ -6,7 +6,7 @@ optimiser *steps* (300k SSL steps), so the loop is step-based, checkpoints every
 atomically, and a resumed run continues step counter, optimiser, lr schedule and RNG states.
 
 A subclass provides `build_objective()` (an nn.Module whose forward(batch) returns (loss, logs) and whose
-`.network` is the UNet stored as `network_weights`) and `build_loader()`.
+`.network` is the UNet stored as `network_weights`) and, unless random crops do, `build_loader()`.
 """
 import os
 import random
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
+from nnscreener.training.data_loaders import RandomCropLoader, multiprocess_loader
 from nnscreener.training.lr_schedule import WarmupDecayLRScheduler
 from nnscreener.training.progress import LossHistory
 from nnscreener.utilities.io import atomic_path
@@ -83,6 +84,13 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
     def screener_cache(self) -> ScreenerCache:
         return ScreenerCache(screener_cache_folder(self.preprocessed_dataset_folder_base, self.configuration_manager))
 
+    def build_loader(self, seed: int):
+        """Infinite iterator of numpy batches (dicts, see nnscreener.training.data_loaders); by default patch-size
+        crops of the Screener cache at random body positions, the stage's batch size split over ranks."""
+        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
+                                  self.configuration_manager.patch_size, seed)
+        return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
+
     def per_rank_batch_size(self, batch_size: int) -> int:
         world = dist.get_world_size() if self.is_ddp else 1
         return max(1, batch_size // world)
@@ -91,9 +99,6 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
     def build_objective(self) -> nn.Module:
         """nn.Module with `.network`; forward(batch of tensors) -> (loss, dict of floats to log)."""
 
-    @abstractmethod
-    def build_loader(self, seed: int):
-        """Infinite iterator of numpy batches (dicts), see nnscreener.training.data_loaders."""
 
     # ---- training -----------------------------------------------------------------------------------------------
     def run_training(self):

@@ -6,6 +6,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
+from nnscreener.baselines.intensity import ConditionalHistogramDensity, IntensityDescriptor
 from nnscreener.density.factory import build_density_model
 from nnscreener.density.modular_screener import ModularScreener
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
@@ -18,6 +19,7 @@ STAGE_TRAINERS = {
     'density': 'nnScreenerDensityTrainer',
     'distillation': 'nnScreenerDistillationTrainer',
 }
+HISTOGRAM_MODEL = 'conditional_histogram'  # the intensity baseline's density (nnscreener.baselines.intensity)
 PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to validate against
 
 
@@ -50,6 +52,8 @@ def load_frozen_unet(dataset_name: str, stage: str, configuration_manager: Confi
 def density_from_block(screener: dict, condition_kind: str) -> nn.Module:
     d_c = screener['condition_dim'] if condition_kind != 'none' else 0
     name = screener['density']['model']
+    if name == HISTOGRAM_MODEL:
+        return ConditionalHistogramDensity(d_c)
     if condition_kind == 'none':
         name = name.replace('conditional_', '')
     return build_density_model(name, screener['descriptor_dim'], d_c)
@@ -59,12 +63,15 @@ def modular_screener(dataset_name: str, configuration_manager: ConfigurationMana
                      device: torch.device, density: nn.Module = None, density_trainer: str = None) -> ModularScreener:
     """Frozen descriptor (+ condition) of the finished SSL stages with `density`, or by default the trained density
     model of `density_trainer` (default nnScreenerDensityTrainer) with the model and conditions it was trained with.
+    A screener block with `descriptor: intensity` (the intensity baseline) uses the HU input as its descriptor.
     """
     if density is None:
         checkpoint, state = load_stage_network(stage_checkpoint(dataset_name, 'density', density_trainer), device)
         screener = state['plans_screener']
     kind = screener['density']['condition']
-    descriptor = load_frozen_unet(dataset_name, 'descriptor', configuration_manager, screener['descriptor_dim'], device)
+    intensity = screener.get('descriptor') == 'intensity'
+    descriptor = IntensityDescriptor() if intensity else \
+        load_frozen_unet(dataset_name, 'descriptor', configuration_manager, screener['descriptor_dim'], device)
     condition = None
     if kind == 'learned':
         condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, screener['condition_dim'], device)
@@ -73,4 +80,4 @@ def modular_screener(dataset_name: str, configuration_manager: ConfigurationMana
         density.load_state_dict(checkpoint['network_weights'])
         density = freeze(density)
     return ModularScreener(descriptor, density.to(device), kind, condition, screener['condition_dim'],
-                           screener['density']['pool_stride']).to(device)
+                           screener['density']['pool_stride'], 'stock' if intensity else 'clahe').to(device)

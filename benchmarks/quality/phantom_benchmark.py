@@ -1,0 +1,198 @@
+"""Unsupervised anomaly-map quality on CT phantoms, per lesion type and over training seeds (paper Tables 1 and 3).
+
+    python benchmarks/quality/phantom_benchmark.py --work /tmp/quality --seeds 0 1 2 --device cpu
+
+Fixed-seed phantoms: an image-only pretraining set (lesions in 15 % of cases) and a held-out labeled test set with
+every lesion type. For each training seed, every method is pretrained, predicts the test set with
+`nnScreener_predict`'s API and is scored with `nnScreener_evaluate`'s API on all lesions and on each lesion type
+(mask = that type; other lesions count as normal tissue, as in the paper where a dataset's masks cover only its
+pathology). Writes phantom_quality.{json,md} and a PNG of AUROC per lesion type to --out. Re-running resumes.
+"""
+import argparse
+import os
+import shutil
+from os.path import isdir, isfile, join
+
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.figure import Figure
+
+from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, json_ready, map_agreement
+from nnscreener.inference.predict import predict
+from nnscreener.phantoms.lesions import LESION_TYPES
+from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
+from nnscreener.run.pretrain import pretrain
+from nnscreener.utilities.io import atomic_path, atomic_save_json
+from world import TARGET, fmt, machine, make_world, mean_sd, save_text, timed, use_seed_results
+
+# method -> (predict model kind, density-stage trainer); the first four are the paper's ablations of Table 3
+METHODS = {
+    'Screener (learned cond. + Gaussian)': ('modular', None),
+    'Screener (learned cond. + flow)': ('modular', 'nnScreenerDensityTrainer_flow'),
+    'Screener (no cond., marginal Gaussian)': ('modular', 'nnScreenerDensityTrainer_marginalGaussian'),
+    'Screener (sin-cos cond. + Gaussian)': ('modular', 'nnScreenerDensityTrainer_sincosGaussian'),
+    'Baseline: HU given position': ('modular', 'nnScreenerDensityTrainer_intensity'),
+    'Baseline: 3D autoencoder': ('autoencoder', 'nnScreenerAutoencoderTrainer'),
+    'Screener distilled (UNet)': ('distilled', None),
+}
+METRICS = {'auroc': 'voxel AUROC', 'auroc_up_to_fpr': 'AUROC@FPR0.3', 'aupro_up_to_fpr': 'AUPRO@FPR0.3',
+           'dice_mean': 'Dice (fixed threshold)'}
+ALL_LESIONS = 'all lesions'
+
+
+def slug(method: str) -> str:
+    return ''.join(c if c.isalnum() else '_' for c in method).strip('_')
+
+
+def train_methods(seed: int, device: str, timings: dict) -> None:
+    """The four Screener stages, then every other density-stage variant on the same descriptor and condition."""
+    with timed(timings, 'pretrain: descriptor, condition, density, distillation'):
+        pretrain(TARGET, device=device, continue_=True, seed=seed)
+    for method, (_, trainer) in METHODS.items():
+        if trainer is not None:
+            with timed(timings, f'train {method}'):
+                pretrain(TARGET, stages=['density'], device=device, continue_=True, density_trainer=trainer,
+                         seed=seed)
+
+
+def type_references(raw: str, work: str) -> dict:
+    """{lesion type name: (reference folder, [cases])}: masks of one type, for the cases that contain it."""
+    types = {}
+    for code, name in LESION_TYPES.items():
+        folder = join(work, 'references_by_type', name)
+        os.makedirs(folder, exist_ok=True)
+        cases = []
+        for f in sorted(os.listdir(join(raw, LESION_TYPES_FOLDER))):
+            lesion_type = sitk.ReadImage(join(raw, LESION_TYPES_FOLDER, f))
+            mask = sitk.GetArrayFromImage(lesion_type) == code
+            if mask.any():
+                cases.append(f[:-len('.nii.gz')])
+                if not isfile(join(folder, f)):
+                    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+                    image.CopyInformation(lesion_type)
+                    with atomic_path(join(folder, f)) as tmp:
+                        sitk.WriteImage(image, tmp, True)
+        types[name] = (folder, cases)
+    return types
+
+
+def evaluate_method(maps: str, raw: str, types: dict) -> dict:
+    """{ALL_LESIONS or type: summary}; per type on a folder of links to that type's cases' maps."""
+    results = {ALL_LESIONS: evaluate_anomaly_maps(maps, join(raw, 'labelsTr'), join(maps, 'evaluation'),
+                                                  n_threshold_cases=5, verbose=False)}
+    for name, (reference, cases) in types.items():
+        if len(cases) < 3:
+            print(f'{name}: only {len(cases)} test case(s), not scored')
+            continue
+        subset = join(maps, 'by_type', name)
+        shutil.rmtree(subset, ignore_errors=True)
+        os.makedirs(subset)
+        for case in cases:
+            os.symlink(join(maps, case + '.nii.gz'), join(subset, case + '.nii.gz'))
+        results[name] = evaluate_anomaly_maps(subset, reference, join(subset, 'evaluation'),
+                                              n_threshold_cases=min(3, len(cases) - 2), verbose=False)
+    return results
+
+
+def run_seed(seed: int, work: str, raw: str, types: dict, device: str) -> dict:
+    use_seed_results(work, seed)
+    timings = {}
+    train_methods(seed, device, timings)
+    result = {'timings_s': timings, 'methods': {}}
+    for method, (kind, trainer) in METHODS.items():
+        maps = join(work, 'maps', f'seed{seed}', slug(method))
+        with timed(timings, f'predict {method}'):
+            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device, overlays=2 if seed == 0 else 0,
+                    continue_=True, density_trainer=trainer if kind == 'modular' else None)
+        with timed(timings, f'evaluate {method}'):
+            result['methods'][method] = evaluate_method(maps, raw, types)
+    result['distilled_vs_modular'] = map_agreement(join(work, 'maps', f'seed{seed}', slug(list(METHODS)[0])),
+                                                   join(work, 'maps', f'seed{seed}', slug(list(METHODS)[-1])))
+    return result
+
+
+def aggregate(per_seed: dict) -> dict:
+    """{method: {group: {metric: mean_sd over seeds}}}."""
+    table = {}
+    for method in METHODS:
+        groups = {}
+        for seed_result in per_seed.values():
+            for group, summary in seed_result['methods'][method].items():
+                for metric in METRICS:
+                    groups.setdefault(group, {}).setdefault(metric, []).append(summary[metric])
+        table[method] = {g: {m: mean_sd(v) for m, v in metrics.items()} for g, metrics in groups.items()}
+    return table
+
+
+def markdown(table: dict, per_seed: dict, settings: dict) -> str:
+    groups = [ALL_LESIONS] + [n for n in LESION_TYPES.values() if n in table[list(METHODS)[0]]]
+    seeds = sorted(per_seed)
+    lines = [f"Phantom benchmark: {settings['n_pretrain']} pretraining / {settings['n_test']} test phantoms "
+             f"(phantom seed 0), preset `{settings['preset']}`, training seeds {seeds}, {settings['machine']['device']}"
+             f". Mean ± sd over seeds.", '']
+    for metric, title in METRICS.items():
+        lines += [f'**{title}**', '', '| Method | ' + ' | '.join(groups) + ' |', '|---' * (len(groups) + 1) + '|']
+        for method, row in table.items():
+            lines.append(f'| {method} | ' + ' | '.join(fmt(row[g][metric]) if g in row else '-' for g in groups) + ' |')
+        lines.append('')
+    agreement = mean_sd([per_seed[s]['distilled_vs_modular']['pearson_r_pooled'] for s in seeds])
+    lines.append(f'Distilled vs modular map agreement: Pearson r (pooled voxels) {fmt(agreement)}.')
+    counts = {g: per_seed[seeds[0]]['methods'][list(METHODS)[0]][g]['n_pathological'] for g in groups}
+    lines.append('Test cases per group: ' + ', '.join(f'{g} {n}' for g, n in counts.items()) + '.')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(table: dict, out_png: str) -> None:
+    groups = [g for g in [ALL_LESIONS, *LESION_TYPES.values()] if g in table[list(METHODS)[0]]]
+    figure = Figure(figsize=(2.0 + 1.6 * len(groups), 4.5))
+    axes = figure.subplots()
+    width = 0.8 / len(table)
+    for i, (method, row) in enumerate(table.items()):
+        means = [row[g]['auroc']['mean'] if g in row else np.nan for g in groups]
+        sds = [row[g]['auroc']['sd'] if g in row else 0 for g in groups]
+        axes.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, means, width, yerr=sds, label=method,
+                 capsize=2)
+    axes.axhline(0.5, color='grey', lw=0.8, ls='--')
+    axes.set_xticks(np.arange(len(groups)), [g.replace('_', '\n') for g in groups], fontsize=8)
+    axes.set_ylabel('voxel AUROC (mean ± sd over seeds)')
+    axes.set_ylim(0.3, 1.0)
+    axes.legend(fontsize=7, ncol=2, loc='lower left')
+    figure.tight_layout()
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=120, format='png')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--work', required=True, help='work folder (nnU-Net folders, maps); resumable')
+    parser.add_argument('--out', default=None, help='results folder (default <work>/results)')
+    parser.add_argument('--preset', default='tiny_long', help='nnscreener preset (tiny_long: CPU scale)')
+    parser.add_argument('--n_pretrain', type=int, default=48, help='unlabeled pretraining phantoms')
+    parser.add_argument('--n_test', type=int, default=42, help='labeled test phantoms (every lesion type)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('-np', type=int, default=2, help='processes for phantoms and preprocessing')
+    args = parser.parse_args()
+    out = args.out or join(args.work, 'results')
+    os.makedirs(out, exist_ok=True)
+    settings = {'preset': args.preset, 'n_pretrain': args.n_pretrain, 'n_test': args.n_test, 'seeds': args.seeds,
+                'phantom_seed': 0, 'machine': machine()}
+    timings = {}
+    with timed(timings, 'phantoms, planning, preprocessing'):
+        raw = make_world(args.work, args.preset, args.n_pretrain, args.n_test, num_processes=args.np)
+        types = type_references(raw, args.work)
+    per_seed = {}
+    for seed in args.seeds:
+        with timed(timings, f'seed {seed}'):
+            per_seed[seed] = run_seed(seed, args.work, raw, types, args.device)
+        table = aggregate(per_seed)  # after every seed, so a long run shows results early
+        atomic_save_json(json_ready({'settings': settings, 'timings_s': timings, 'table': table,
+                                     'per_seed': per_seed}), join(out, 'phantom_quality.json'))
+        save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))
+        plot(table, join(out, 'phantom_quality_auroc.png'))
+    print(open(join(out, 'phantom_quality.md')).read())
+    print(f'wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items()))
+
+
+if __name__ == '__main__':
+    main()

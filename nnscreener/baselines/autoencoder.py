@@ -1,0 +1,58 @@
+"""3D convolutional autoencoder baseline: anomaly = local reconstruction error.
+
+The encoder is the plans UNet's encoder (same stages, kernels, strides, features; nnU-Net's conv-norm-LeakyReLU
+blocks) without skip connections, squeezed by a 1x1x1 conv to `code_channels` per bottleneck voxel; the decoder
+mirrors it with transposed convolutions. Without skips, the bottleneck is the only path, so what the model has not
+learned to encode (rare structures, lesions) is reconstructed worse.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+BLOCK = dict(conv_op=nn.Conv3d, conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={'eps': 1e-5, 'affine': True},
+             dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={'inplace': True})
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, features_per_stage: Sequence[int], kernel_sizes, strides, n_conv_per_stage: Sequence[int],
+                 code_channels: int):
+        super().__init__()
+        self.encoder = PlainConvEncoder(1, len(features_per_stage), features_per_stage, kernel_sizes=kernel_sizes,
+                                        strides=strides, n_conv_per_stage=n_conv_per_stage, return_skips=False,
+                                        **BLOCK)
+        self.to_code = nn.Conv3d(features_per_stage[-1], code_channels, 1)
+        self.from_code = nn.Conv3d(code_channels, features_per_stage[-1], 1)
+        up = []
+        for s in range(len(features_per_stage) - 1, 0, -1):  # undo stage s's stride, reaching stage s-1's features
+            up += [nn.ConvTranspose3d(features_per_stage[s], features_per_stage[s - 1], strides[s], strides[s]),
+                   StackedConvBlocks(n_conv_per_stage[s - 1], input_channels=features_per_stage[s - 1],
+                                     output_channels=features_per_stage[s - 1], kernel_size=kernel_sizes[s - 1],
+                                     initial_stride=1, **BLOCK)]
+        self.decoder = nn.Sequential(*up)
+        self.output = nn.Conv3d(features_per_stage[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of x (B, 1, *patch); the patch must be divisible by the product of the strides."""
+        return self.output(self.decoder(self.from_code(self.to_code(self.encoder(x)))))
+
+
+def build_autoencoder(configuration_manager: ConfigurationManager, code_channels: int) -> ConvAutoencoder:
+    """The autoencoder of the plans' UNet encoder (see module docstring)."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    return ConvAutoencoder(kwargs['features_per_stage'], kwargs['kernel_sizes'], kwargs['strides'],
+                           kwargs['n_conv_per_stage'], code_channels)
+
+
+def reconstruction_error_map(autoencoder: nn.Module, x: torch.Tensor, pool_stride: Sequence[int]) -> torch.Tensor:
+    """Squared reconstruction error averaged over `pool_stride` cells (Screener's map resolution), (B, 1, z', y', x').
+
+    Per-voxel errors are dominated by noise; averaging over the same cells Screener's density sees makes the two
+    maps comparable in resolution.
+    """
+    error = (autoencoder(x).float() - x.float()) ** 2
+    return F.avg_pool3d(error, tuple(pool_stride), tuple(pool_stride))
