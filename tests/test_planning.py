@@ -48,6 +48,20 @@ def test_preprocessed_data_is_clipped_and_rescaled(in_phantom_world):
     assert np.asarray(seg).max() == 1, 'every labeled phantom has a lesion'
 
 
+def test_continue_keeps_finished_preprocessing_and_a_new_preset_redoes_it(empty_world):
+    """--c after a finished run rewrites nothing; --c with another preset must re-plan, not keep stale plans."""
+    from nnscreener.phantoms.make_phantoms import make_phantom_datasets
+    make_phantom_datasets(TARGET_ID, None, num_labeled=2, preset='tiny', seed=3)
+    plan_and_preprocess(TARGET_ID, preset='tiny', num_processes=1)
+    folder, _ = _plans(os.environ)
+    files = sorted(glob.glob(join(folder, 'nnScreenerPlans_3d_fullres', '*')))
+    written = [os.path.getmtime(f) for f in files]
+    plan_and_preprocess(TARGET_ID, preset='tiny', num_processes=1, continue_=True)
+    assert [os.path.getmtime(f) for f in files] == written
+    plan_and_preprocess(TARGET_ID, preset='tiny_long', num_processes=1, continue_=True)
+    assert _plans(os.environ)[1]['screener']['preset'] == 'tiny_long'
+
+
 def test_screener_cache_holds_all_datasets_with_clahe(in_phantom_world):
     folder, _ = _plans(in_phantom_world)
     cache = ScreenerCache(join(folder, 'nnScreenerPlans_3d_fullres_screener'))

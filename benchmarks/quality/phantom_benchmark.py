@@ -38,6 +38,7 @@ METHODS = {
 METRICS = {'auroc': 'voxel AUROC', 'auroc_up_to_fpr': 'AUROC@FPR0.3', 'aupro_up_to_fpr': 'AUPRO@FPR0.3',
            'dice_mean': 'Dice (fixed threshold)'}
 ALL_LESIONS = 'all lesions'
+PREDICT_BATCH = 32  # patches per forward pass: tiny-preset patches are small, per-call overhead dominates at 4
 
 
 def slug(method: str) -> str:
@@ -102,8 +103,9 @@ def run_seed(seed: int, work: str, raw: str, types: dict, device: str) -> dict:
     for method, (kind, trainer) in METHODS.items():
         maps = join(work, 'maps', f'seed{seed}', slug(method))
         with timed(timings, f'predict {method}'):
-            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device, overlays=2 if seed == 0 else 0,
-                    continue_=True, density_trainer=trainer if kind == 'modular' else None)
+            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device, batch_size=PREDICT_BATCH,
+                    overlays=2 if seed == 0 else 0, continue_=True,
+                    density_trainer=trainer if kind == 'modular' else None)
         with timed(timings, f'evaluate {method}'):
             result['methods'][method] = evaluate_method(maps, raw, types)
     result['distilled_vs_modular'] = map_agreement(join(work, 'maps', f'seed{seed}', slug(list(METHODS)[0])),

@@ -34,8 +34,11 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
         name = dataset_name(d)
         sources[name] = check_raw_ct_dataset(raw_dataset_folder(name), False, patch, SCREENER_SPACING)
 
-    _run_nnunet_planning(target, preset, num_processes, continue_)
     plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
+    if continue_ and _nnunet_preprocessing_complete(target, preset, sources[target]):
+        print(f'{target}: nnScreenerPlans and nnU-Net preprocessing complete, kept (--c)')
+    else:
+        _run_nnunet_planning(target, preset, num_processes, continue_)
     plans_manager = PlansManager(plans_file)
     configuration_manager = plans_manager.get_configuration(CONFIGURATION)
     dataset_json = load_json(join(preprocessed_dataset_folder(target), 'dataset.json'))
@@ -43,6 +46,15 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
                          plans_manager, configuration_manager, dataset_json, num_processes, skip_existing=continue_,
                          target=target)
     return plans_file
+
+
+def _nnunet_preprocessing_complete(target: str, preset: str, cases: dict) -> bool:
+    """Plans of this preset exist and every case has its properties file, which nnU-Net writes last per case."""
+    plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
+    if not isfile(plans_file) or load_json(plans_file).get('screener', {}).get('preset') != preset:
+        return False
+    folder = join(preprocessed_dataset_folder(target), f'{SCREENER_PLANS_NAME}_{CONFIGURATION}')
+    return all(isfile(join(folder, case + '.pkl')) for case in cases)
 
 
 def _run_nnunet_planning(target: str, preset: str, num_processes: int, continue_: bool) -> None:
