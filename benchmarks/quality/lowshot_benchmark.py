@@ -30,7 +30,7 @@ def main():
     parser.add_argument('--folds', type=int, default=3)
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuBenchmark',
-                        help='trainer suffix: cpuBenchmark (20 x 25 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuBenchmark (12 x 20 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('-np', type=int, default=2, help='nnU-Net worker processes')
     args = parser.parse_args()

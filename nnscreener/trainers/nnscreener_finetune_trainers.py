@@ -65,13 +65,13 @@ class nnScreenerFinetuneTrainer_tiny(nnScreenerFromScratchTrainer_tiny):
 
 
 class nnScreenerFromScratchTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_tiny):
-    """The CPU low-shot benchmark (benchmarks/quality): 20 epochs of 25 iterations, no mirroring (as _tiny)."""
+    """The CPU low-shot benchmark (benchmarks/quality): 12 epochs of 20 iterations, no mirroring (as _tiny)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.warmup_epochs = 20, 2
-        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 25, 3
+        self.num_epochs, self.warmup_epochs = 12, 2
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 20, 3
 
 
 class nnScreenerFinetuneTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_cpuBenchmark):
