@@ -146,7 +146,7 @@ def markdown(table: dict, per_seed: dict, settings: dict) -> str:
 
 def plot(table: dict, out_png: str) -> None:
     groups = [g for g in [ALL_LESIONS, *LESION_TYPES.values()] if g in table[list(METHODS)[0]]]
-    figure = Figure(figsize=(2.0 + 1.6 * len(groups), 4.5))
+    figure = Figure(figsize=(2.0 + 1.6 * len(groups), 5.0))
     axes = figure.subplots()
     width = 0.8 / len(table)
     for i, (method, row) in enumerate(table.items()):
@@ -158,7 +158,7 @@ def plot(table: dict, out_png: str) -> None:
     axes.set_xticks(np.arange(len(groups)), [g.replace('_', '\n') for g in groups], fontsize=8)
     axes.set_ylabel('voxel AUROC (mean ± sd over seeds)')
     axes.set_ylim(0.3, 1.0)
-    axes.legend(fontsize=7, ncol=2, loc='lower left')
+    axes.legend(fontsize=7, ncol=4, loc='upper center', bbox_to_anchor=(0.5, -0.2))
     figure.tight_layout()
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, dpi=120, format='png')
