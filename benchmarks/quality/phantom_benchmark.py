@@ -22,8 +22,8 @@ from nnscreener.inference.predict import predict
 from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
 from nnscreener.run.pretrain import pretrain
-from nnscreener.utilities.io import atomic_path, atomic_save_json
-from world import TARGET, fmt, machine, make_world, mean_sd, save_text, timed, use_seed_results
+from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
+from world import TARGET, fmt, machine, make_world, mean_sd, timed, use_seed_results
 
 # method -> (predict model kind, density-stage trainer); the first four are the paper's ablations of Table 3
 METHODS = {
@@ -190,7 +190,7 @@ def main():
         table = aggregate(per_seed)  # after every seed, so a long run shows results early
         atomic_save_json(json_ready({'settings': settings, 'timings_s': timings, 'table': table,
                                      'per_seed': per_seed}), join(out, 'phantom_quality.json'))
-        save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))
+        atomic_save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))
         plot(table, join(out, 'phantom_quality_auroc.png'))
     print(open(join(out, 'phantom_quality.md')).read())
     print(f'wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items()))

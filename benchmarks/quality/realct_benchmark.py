@@ -49,7 +49,7 @@ from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cach
 from nnscreener.run.pretrain import pretrain
 from nnscreener.training.stages import STAGE_TRAINERS, stage_checkpoint, stage_folder
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.io import atomic_path, atomic_save_json
+from nnscreener.utilities.io import atomic_save_json, atomic_save_text
 from nnscreener.utilities.paths import dataset_name
 
 TARGET_ID, PRETRAIN_ID = 510, 511
@@ -353,8 +353,7 @@ def run_benchmark(args) -> dict:
     report = json_ready(report)
     atomic_save_json(report, join(out, 'realct_results.json'))
     text = markdown_report(report)
-    with atomic_path(join(out, 'realct_results.md')) as tmp, open(tmp, 'w') as f:
-        f.write(text)
+    atomic_save_text(text, join(out, 'realct_results.md'))
     print('\n' + text + f'\nwritten to {out}/realct_results.json and .md')
     return report
 

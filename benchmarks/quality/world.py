@@ -12,7 +12,6 @@ import torch
 
 from nnscreener.phantoms.make_phantoms import dataset_folder_name, make_phantom_datasets
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
-from nnscreener.utilities.io import atomic_path
 
 TARGET, PRETRAIN = 501, 500
 TARGET_NAME = dataset_folder_name(TARGET, 'target')
@@ -73,6 +72,3 @@ def fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat['n'] > 1 else '')
 
 
-def save_text(text: str, path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
-        f.write(text)

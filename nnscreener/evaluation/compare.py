@@ -20,7 +20,7 @@ from scipy.stats import wilcoxon
 
 from nnscreener.evaluation.evaluate import json_ready
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.io import atomic_path, atomic_save_json
+from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
 from nnscreener.utilities.paths import dataset_name, require_env
 
 OUTPUT_BASENAME = 'comparison'
@@ -169,8 +169,7 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
     if output_folder is None:
         output_folder = os.path.join(results_folder, f'compare__{trainer_a}__vs__{trainer_b}__{plans}__{configuration}')
     markdown = _markdown_table(result)
-    with atomic_path(os.path.join(output_folder, OUTPUT_BASENAME + '.md')) as tmp, open(tmp, 'w') as f:
-        f.write(markdown)
+    atomic_save_text(markdown, os.path.join(output_folder, OUTPUT_BASENAME + '.md'))
     atomic_save_json(json_ready(result), os.path.join(output_folder, OUTPUT_BASENAME + '.json'))
     _save_paired_plot(result, os.path.join(output_folder, OUTPUT_BASENAME + '.png'))
     if verbose:

@@ -20,7 +20,7 @@ from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, b
                                            dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
                                            pro_thresholds, sample_voxels)
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.io import atomic_path, atomic_save_json
+from nnscreener.utilities.io import atomic_save_json, atomic_save_text
 
 PER_CASE_FILE = 'metrics_per_case.csv'
 SUMMARY_FILE = 'summary.json'
@@ -184,8 +184,7 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
                      'n_threshold_cases': n_threshold_cases, 'connectivity': 26, 'file_ending': file_ending,
                      'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder)},
     }
-    with atomic_path(os.path.join(output_folder, PER_CASE_FILE)) as tmp, open(tmp, 'w') as f:
-        f.write(_per_case_csv([rows[c] for c in cases]))
+    atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
     atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
     if verbose:
         _print_summary(summary)

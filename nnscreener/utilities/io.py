@@ -37,6 +37,12 @@ def atomic_save_json(obj, fname: str) -> None:
             json.dump(obj, f, indent=2)
 
 
+def atomic_save_text(text: str, fname: str) -> None:
+    with atomic_path(fname) as tmp:
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
