@@ -9,6 +9,7 @@ from os.path import join
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from conftest import REALCT, TARGET_ID, nnunet_env
 from nnscreener.planners.presets import SCREENER_SPACING, get_preset
@@ -71,13 +72,16 @@ def test_screener_cache_holds_all_datasets_with_clahe(in_phantom_world):
     # the Screener models pretrain on the pretraining set only: lesions stay rare, the target stays held out
     assert {k.split('/')[0] for k in cache.pretraining_keys} == {'Dataset500_ScreenerPhantomPretrain'}
     volume = np.asarray(cache.load(cache.keys[0]), dtype=np.float32)
-    assert volume.shape[0] == 2 and volume.dtype == np.float32
+    assert volume.shape[0] == 3 and volume.dtype == np.float32
     assert all(s >= p for s, p in zip(volume.shape[1:], get_preset('tiny')['patch_size']))
-    stock, clahe = volume
-    assert 0 <= clahe.min() and clahe.max() <= 1
+    stock, clahe, body = volume
+    assert 0 <= clahe.min() and clahe.max() <= 1 and set(np.unique(body)) == {0, 1}
     # CLAHE equalises: it spreads the soft-tissue range that the linear [-1000, 300] window squeezes
     soft = (stock > 0.6) & (stock < 1.0)
     assert clahe[soft].std() > stock[soft].std()
+    # the Screener input is the body alone: table and room air are air (0) there, the body is not
+    assert np.all(clahe[body == 0] == 0) and (stock[body == 0] > 0.4).any()  # the table is in the stock input
+    assert load_json(join(cache.folder, 'index.json'))['clahe_clip_limit'] == get_preset('tiny')['clahe_clip_limit']
 
 
 def _write_ct(path, array, spacing=(1.5, 1.5, 3.0), direction=None, dtype=None):

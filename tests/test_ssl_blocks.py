@@ -1,9 +1,14 @@
 """Tests of the pure building blocks of Screener's dense SSL (nnscreener.ssl): crop pairs, colour jitter,
 block masking and the DenseVICReg / DenseInfoNCE losses."""
+import os
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from scipy.ndimage import gaussian_filter1d
+
+from nnscreener.preprocessing.body import body_mask_hu
 
 from nnscreener.ssl.augment import ColourJitter, ColourJitterConfig
 from nnscreener.ssl.crop_pairs import (CropBox, extract_crop, overlap_range, sample_crop_pair, sample_features,
@@ -12,6 +17,7 @@ from nnscreener.ssl.losses import DenseInfoNCE, DenseVICReg, build_ssl_loss, inf
 from nnscreener.ssl.masking import BlockMasking, random_block_mask
 from nnscreener.utilities.errors import ScreenerInputError
 
+REALCT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'realct')
 # asymmetric, non-cubic shapes so that a swapped axis cannot pass
 VOLUME_SHAPE = (37, 53, 71)
 PATCH = (16, 24, 20)
@@ -42,7 +48,7 @@ def test_positive_pairs_sample_the_same_source_position():
     sizes = []
     for _ in range(20):
         box1, box2 = sample_crop_pair(VOLUME_SHAPE, PATCH, rng)
-        positions = sample_overlap_positions(box1, box2, PATCH, VOLUME_SHAPE, 50, rng, foreground=fg)
+        positions = sample_overlap_positions(box1, box2, PATCH, VOLUME_SHAPE, 50, rng, body=fg)
         for box in (box1, box2):
             view = extract_crop(vol, box, PATCH)
             assert view.shape == (3, *PATCH)
@@ -67,7 +73,7 @@ def test_hand_made_boxes_zoom_in_and_out_per_axis():
 
 def test_sample_positive_pairs_convenience_matches_across_views():
     vol = coordinate_volume()
-    view1, view2, c1, c2 = sample_positive_pairs(vol, PATCH, 64, np.random.default_rng(3), foreground=interior())
+    view1, view2, c1, c2 = sample_positive_pairs(vol, PATCH, 64, np.random.default_rng(3), body=interior())
     assert view1.shape == view2.shape == (3, *PATCH) and c1.shape == c2.shape == (64, 3)
     assert c1.dtype == c2.dtype == np.float32
     np.testing.assert_allclose(features_at(view1, c1), features_at(view2, c2), atol=1e-4)
@@ -119,18 +125,45 @@ def test_extract_crop_pads_outside_the_volume():
     assert np.all(view[0, 14:] == 0)
 
 
-def test_foreground_positions_are_preferred_and_filled():
+def test_positions_are_uniform_inside_the_body_and_filled():
     rng = np.random.default_rng(2)
     box = CropBox(start=np.zeros(3), size=np.array(PATCH, dtype=float))
-    fg = np.zeros(VOLUME_SHAPE, dtype=bool)
-    fg[:, :12] = True  # half of the overlap (y in 0..23)
-    pos = sample_overlap_positions(box, box, PATCH, VOLUME_SHAPE, 200, rng, foreground=fg)
-    assert pos.shape == (200, 3)
-    assert np.all(fg[tuple(np.rint(pos).astype(int).T)])
-    # no foreground in the overlap: falls back to uniform positions in it
-    pos = sample_overlap_positions(box, box, PATCH, VOLUME_SHAPE, 200, rng, foreground=np.zeros_like(fg))
+    body = np.zeros(VOLUME_SHAPE, dtype=bool)
+    body[:, :12] = True  # half of the overlap (y in 0..23)
+    pos = sample_overlap_positions(box, box, PATCH, VOLUME_SHAPE, 2000, rng, body=body)
+    assert pos.shape == (2000, 3)
+    assert np.all(body[tuple(np.rint(pos).astype(int).T)])
+    # uniform in the body part of the overlap, not piled up at one end of it (a "first candidates" bias would be)
+    y = np.rint(pos[:, 1])
+    assert abs((y <= 5).mean() - 6 / 11.5) < 0.05 and abs(pos[:, 0].mean() - (PATCH[0] - 1) / 2) < 0.5
+    # no body in the overlap: falls back to uniform positions in it
+    pos = sample_overlap_positions(box, box, PATCH, VOLUME_SHAPE, 200, rng, body=np.zeros_like(body))
     assert pos.shape == (200, 3) and np.all(pos >= 0) and np.all(pos <= np.array(PATCH) - 1)
     assert pos[:, 1].std() > 5  # spread over the whole overlap
+
+
+@pytest.mark.skipif(not os.path.isdir(REALCT), reason='shared/realct is not beside the project')
+def test_pairs_on_a_real_chest_ct_fall_in_the_lungs_as_often_as_the_lungs_fill_the_overlap():
+    """Lung parenchyma gets SSL pairs in proportion to its share of the body in the overlap (an old "> -500 HU"
+    foreground gave it none)."""
+    image = sitk.ReadImage(os.path.join(REALCT, 'pulmonary_ct_cropped.nii.gz'))
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    body = body_mask_hu(hu, image.GetSpacing()[::-1])
+    lung = body & (hu < -500)
+    assert lung.sum() > 0.2 * body.sum()  # the lungs are inside the body (a cropped thorax cuts them open)
+    rng = np.random.default_rng(0)
+    in_lung, lung_share = [], []
+    patch = (32, 48, 48)
+    for _ in range(40):
+        boxes = sample_crop_pair(hu.shape, patch, rng)
+        positions = sample_overlap_positions(*boxes, patch, hu.shape, 256, rng, body=body)
+        voxels = tuple(np.rint(positions).astype(int).T)
+        in_lung.append(lung[voxels].mean())
+        lo, hi = overlap_range(*boxes, patch, hu.shape)
+        region = tuple(slice(int(np.ceil(a - 0.5)), int(np.floor(b + 0.5)) + 1) for a, b in zip(lo, hi))
+        lung_share.append(lung[region].sum() / body[region].sum())
+    assert np.mean(lung_share) > 0.1
+    assert abs(np.mean(in_lung) - np.mean(lung_share)) < 0.03, (np.mean(in_lung), np.mean(lung_share))
 
 
 def test_disjoint_crops_raise():

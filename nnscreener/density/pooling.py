@@ -23,3 +23,16 @@ def pool_and_noise(features: torch.Tensor, stride: Sequence[int] = (2, 3, 3), no
         return pooled
     noise = torch.randn(pooled.shape, generator=generator, device=pooled.device, dtype=pooled.dtype)
     return pooled + noise_sd * noise
+
+
+def pooled_body(body: torch.Tensor, stride: Sequence[int] = (2, 3, 3)) -> torch.Tensor:
+    """Body mask (B, 1, z, y, x) -> (B, z', y', x') bool on the pooled grid: cells that are mostly body."""
+    return F.avg_pool3d(body.float(), kernel_size=tuple(stride), stride=tuple(stride))[:, 0] > 0.5
+
+
+def body_mean(values: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, ...) values over the voxels where `body` (same shape) is True; the plain mean where none is (a crop
+    of table and air only would otherwise give 0 / 0)."""
+    weights = body.to(values.dtype)
+    total = weights.sum()
+    return (values * weights).sum() / total if total > 0 else values.mean()

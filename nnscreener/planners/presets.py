@@ -18,6 +18,7 @@ PRESETS = {
         'finetune_batch_size': 2,
         'descriptor_dim': 32,
         'condition_dim': 32,
+        'clahe_clip_limit': 0.05,  # the authors' Screener configuration (vox2vec); the paper gives none
         'ssl': {
             'batch_size': 8,  # m CTs per step, two crops each
             'positive_pairs': 8192,  # N = n * m
@@ -56,6 +57,7 @@ PRESETS = {
         'finetune_batch_size': 2,
         'descriptor_dim': 8,
         'condition_dim': 8,
+        'clahe_clip_limit': 0.05,
         'ssl': {
             'batch_size': 2,
             'positive_pairs': 512,

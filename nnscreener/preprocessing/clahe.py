@@ -9,10 +9,11 @@ inference on the whole preprocessed volume.
 import numpy as np
 from skimage.exposure import equalize_adapthist
 
-CLAHE_CLIP_LIMIT = 0.01  # scikit-image's default; the paper gives no parameters
+# The clip limit is a plans setting (`screener.clahe_clip_limit`, see presets.py): the paper gives none, the authors'
+# Screener configuration of vox2vec uses 0.05. Plans made before it was recorded used scikit-image's default 0.01.
+LEGACY_CLAHE_CLIP_LIMIT = 0.01
 
 
-def apply_clahe(volume01: np.ndarray) -> np.ndarray:
+def apply_clahe(volume01: np.ndarray, clip_limit: float) -> np.ndarray:
     """CLAHE of a (z, y, x) volume with values in [0, 1]; kernel = 1/8 of each axis (scikit-image's default)."""
-    return equalize_adapthist(np.clip(volume01, 0, 1).astype(np.float64), clip_limit=CLAHE_CLIP_LIMIT) \
-        .astype(np.float32)
+    return equalize_adapthist(np.clip(volume01, 0, 1).astype(np.float64), clip_limit=clip_limit).astype(np.float32)

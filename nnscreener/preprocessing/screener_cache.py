@@ -1,8 +1,9 @@
 """The Screener cache: preprocessed CT volumes for the Screener models, one float16 `.npy` per case.
 
-Each file holds (2, z, y, x): channel 0 is the stock nnU-Net input (resampled, CTNormalization -> [0, 1]), channel 1
-its CLAHE (see clahe.py for why CLAHE lives here). Volumes are cropped to the body (> -500 HU, the paper's "dense
-foreground"), but never below one patch. Cases of every pretraining dataset are preprocessed with the *target*
+Each file holds (3, z, y, x): channel 0 is the stock nnU-Net input (resampled, CTNormalization -> [0, 1]), channel 1
+the CLAHE of the body (air outside it; see clahe.py for why CLAHE lives here), channel 2 the body mask (body.py: the
+patient with lungs and bowel gas, without table and room air). Volumes are cropped to the body's bounding box (the
+paper's "dense foreground"), but never below one patch. Cases of every pretraining dataset are preprocessed with the *target*
 dataset's plans, so all Screener models and the distilled UNet share one spacing, intensity scale and architecture.
 The Screener models train on the pretraining datasets only (role 'pretrain'), as in the paper, where the datasets
 with pathology masks are test sets: pathologies must stay rare in the training data. Only without pretraining
@@ -14,7 +15,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from os.path import isfile, join
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p
@@ -22,64 +23,63 @@ from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPre
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
-from nnscreener.planners.presets import BODY_THRESHOLD_HU, CT_CLIP_RANGE
-from nnscreener.preprocessing.clahe import apply_clahe
+from nnscreener.preprocessing.body import body_mask, mask_bbox
+from nnscreener.preprocessing.clahe import LEGACY_CLAHE_CLIP_LIMIT, apply_clahe
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_save_json, atomic_save_npy
 
 INDEX_FILE = 'index.json'
-BODY_THRESHOLD = (BODY_THRESHOLD_HU - CT_CLIP_RANGE[0]) / (CT_CLIP_RANGE[1] - CT_CLIP_RANGE[0])  # in [0, 1] units
+CACHE_CHANNELS = 3  # stock input, CLAHE, body mask
 
 
 def screener_cache_folder(preprocessed_dataset_folder: str, configuration_manager: ConfigurationManager) -> str:
     return join(preprocessed_dataset_folder, configuration_manager.data_identifier + '_screener')
 
 
-def body_bbox(volume01: np.ndarray, min_size: Sequence[int]) -> List[Tuple[int, int]]:
-    """Bounding box of the body (> -500 HU), grown symmetrically to at least `min_size` where the volume allows."""
-    body = np.argwhere(volume01 > BODY_THRESHOLD)
-    if len(body) == 0:
-        lo, hi = np.zeros(3, int), np.array(volume01.shape)
-    else:
-        lo, hi = body.min(0), body.max(0) + 1
-    bbox = []
-    for axis, (l, h) in enumerate(zip(lo, hi)):
-        grow = max(0, min_size[axis] - (h - l))
-        l, h = l - grow // 2, h + grow - grow // 2
-        shift = max(0, -l) - max(0, h - volume01.shape[axis])
-        bbox.append((int(max(0, l + shift)), int(min(volume01.shape[axis], h + shift))))
-    return bbox
+def clahe_clip_limit(screener_plans: dict) -> float:
+    """The CLAHE clip limit the plans were made with (plans made before it was recorded used 0.01)."""
+    return float(screener_plans.get('clahe_clip_limit', LEGACY_CLAHE_CLIP_LIMIT))
 
 
-def body_clahe(volume01: np.ndarray, min_size: Sequence[int]) -> Tuple[np.ndarray, list]:
-    """CLAHE of the body region (the paper crops to the body before CLAHE; CLAHE tiles are 1/8 of the region, so
-    including air and table would change the result) -> (CLAHE inside the body bbox, bbox)."""
-    bbox = body_bbox(volume01, min_size)
-    return apply_clahe(volume01[tuple(slice(l, h) for l, h in bbox)]), bbox
+@dataclass
+class ScreenerView:
+    """What the Screener models see of a preprocessed CT: the body's bounding box (at least one patch), the body mask
+    inside it and the CLAHE of the body (air outside the body: the table and the room are not part of the input)."""
+    bbox: List[Tuple[int, int]]
+    body: np.ndarray  # bool, the bbox region
+    clahe: Optional[np.ndarray]  # float32, the bbox region; None when not computed
+
+    @property
+    def slicer(self) -> tuple:
+        return tuple(slice(lo, hi) for lo, hi in self.bbox)
 
 
-def screener_clahe(volume01: np.ndarray, min_size: Sequence[int]) -> np.ndarray:
-    """Whole-volume input of the Screener models at inference: body CLAHE inside the body bbox, the stock volume
-    (air, ~0) outside, so patches see exactly what the cache showed in training."""
-    clahe, bbox = body_clahe(volume01, min_size)
-    out = np.array(volume01, dtype=np.float32, copy=True)
-    out[tuple(slice(l, h) for l, h in bbox)] = clahe
-    return out
+def screener_view(volume01: np.ndarray, configuration_manager: ConfigurationManager, clip_limit: float,
+                  with_clahe: bool = True) -> ScreenerView:
+    """Body mask, body box and body CLAHE of a preprocessed volume, identical for the cache and for inference (the
+    paper crops to the body before CLAHE; CLAHE tiles are 1/8 of the region, so what the box holds matters)."""
+    body = body_mask(volume01, configuration_manager.spacing)
+    bbox = mask_bbox(body, configuration_manager.patch_size)
+    slicer = tuple(slice(lo, hi) for lo, hi in bbox)
+    body = body[slicer]
+    clahe = None
+    if with_clahe:  # outside the body: 0, the air that crops beyond the volume are padded with, too
+        clahe = np.where(body, apply_clahe(np.where(body, volume01[slicer], 0), clip_limit), 0).astype(np.float32)
+    return ScreenerView(bbox, body, clahe)
 
 
 def preprocess_screener_case(image_files: List[str], plans_manager: PlansManager,
                              configuration_manager: ConfigurationManager, dataset_json: dict) -> Tuple[np.ndarray, list]:
-    """Stock nnU-Net preprocessing of one CT, body crop, CLAHE -> ((2, z, y, x) float16, body bbox)."""
+    """Stock nnU-Net preprocessing of one CT, body crop, CLAHE -> ((3, z, y, x) float16 [stock, CLAHE, body], bbox)."""
     data, _, _ = DefaultPreprocessor(verbose=False).run_case(image_files, None, plans_manager, configuration_manager,
                                                              dataset_json)
-    clahe, bbox = body_clahe(data[0], configuration_manager.patch_size)
-    volume = data[0][tuple(slice(l, h) for l, h in bbox)]
-    return np.stack([volume, clahe]).astype(np.float16), bbox
+    view = screener_view(data[0], configuration_manager, clahe_clip_limit(plans_manager.plans['screener']))
+    return np.stack([data[0][view.slicer], view.clahe, view.body]).astype(np.float16), view.bbox
 
 
 def _cache_one(args) -> dict:
     key, role, image_files, out_file, plans_manager, configuration_manager, dataset_json, skip_existing = args
-    if skip_existing and isfile(out_file):
+    if skip_existing and isfile(out_file) and np.load(out_file, mmap_mode='r').shape[0] == CACHE_CHANNELS:
         shape, bbox = np.load(out_file, mmap_mode='r').shape[1:], None
     else:
         volume, bbox = preprocess_screener_case(image_files, plans_manager, configuration_manager, dataset_json)
@@ -101,23 +101,32 @@ def build_screener_cache(cache_folder: str, sources: Dict[str, Dict[str, dict]],
         for case, files in cases.items():
             jobs.append((f'{source}/{case}', role, files['images'], join(cache_folder, source, case + '.npy'),
                          plans_manager, configuration_manager, dataset_json, skip_existing))
-    old = {e['key']: e for e in load_screener_index(cache_folder, missing_ok=True)}
+    clip_limit = clahe_clip_limit(plans_manager.plans['screener'])
+    old_index = _load_index(cache_folder)
+    if old_index.get('clahe_clip_limit', LEGACY_CLAHE_CLIP_LIMIT) != clip_limit:  # a cache of other CLAHE: redo all
+        jobs = [job[:-1] + (False,) for job in jobs]
+    old = {e['key']: e for e in old_index.get('cases', [])}
     with multiprocessing.get_context('spawn').Pool(num_processes) as pool:
         entries = list(tqdm(pool.imap(_cache_one, jobs), total=len(jobs), desc='Screener cache (CLAHE)'))
     for e in entries:  # resumed cases keep the bbox recorded when they were written
         if e['bbox'] is None:
             e['bbox'] = old.get(e['key'], {}).get('bbox')
-    atomic_save_json({'cases': entries}, join(cache_folder, INDEX_FILE))
+    atomic_save_json({'clahe_clip_limit': clip_limit, 'channels': ['stock', 'clahe', 'body'], 'cases': entries},
+                     join(cache_folder, INDEX_FILE))
     return entries
 
 
-def load_screener_index(cache_folder: str, missing_ok: bool = False) -> List[dict]:
+def _load_index(cache_folder: str) -> dict:
     fname = join(cache_folder, INDEX_FILE)
-    if not isfile(fname):
-        if missing_ok:
-            return []
-        raise ScreenerInputError(f'{fname} missing: run nnScreener_plan_and_preprocess for this dataset first')
-    return load_json(fname)['cases']
+    return load_json(fname) if isfile(fname) else {}
+
+
+def load_screener_index(cache_folder: str) -> List[dict]:
+    index = _load_index(cache_folder)
+    if not index:
+        raise ScreenerInputError(f'{join(cache_folder, INDEX_FILE)} missing: run nnScreener_plan_and_preprocess for '
+                                 f'this dataset first')
+    return index['cases']
 
 
 @dataclass
@@ -139,5 +148,9 @@ class ScreenerCache:
         return sorted(pretrain) or self.keys
 
     def load(self, key: str) -> np.ndarray:
-        """(2, z, y, x) float16 memmap: [stock input, CLAHE]."""
-        return np.load(join(self.folder, self.entries[key]['file']), mmap_mode='r')
+        """(3, z, y, x) float16 memmap: [stock input, CLAHE, body mask]."""
+        volume = np.load(join(self.folder, self.entries[key]['file']), mmap_mode='r')
+        if volume.shape[0] != CACHE_CHANNELS:
+            raise ScreenerInputError(f'{self.folder} is a Screener cache of an older nnscreener (no body mask): re-run '
+                                     f'nnScreener_plan_and_preprocess --c for this dataset')
+        return volume

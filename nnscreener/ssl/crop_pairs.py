@@ -34,7 +34,7 @@ DEFAULT_SCALE_RANGE = (2 / 3, 4 / 3)
 # Minimum overlap of the two crops on each axis, as a fraction of the smaller crop's extent.
 DEFAULT_MIN_OVERLAP = 0.25
 # Candidates drawn per wanted position when rejection-sampling positions inside the body mask.
-FOREGROUND_OVERSAMPLING = 4
+BODY_OVERSAMPLING = 4
 
 
 @dataclass(frozen=True)
@@ -132,22 +132,23 @@ def overlap_range(box1: CropBox, box2: CropBox, patch_size, volume_shape) -> tup
 
 
 def sample_overlap_positions(box1: CropBox, box2: CropBox, patch_size, volume_shape, n: int,
-                             rng: np.random.Generator, foreground: np.ndarray = None) -> np.ndarray:
+                             rng: np.random.Generator, body: np.ndarray = None) -> np.ndarray:
     """n source positions (n, 3) float64, uniform in the crops' overlap (see `overlap_range`).
 
-    With a boolean `foreground` mask (z, y, x) (the body), positions inside it are preferred: candidates are
-    rejection-sampled (voxel of the candidate = nearest voxel centre); if fewer than n land inside, the rest are
-    filled with positions elsewhere in the overlap (a fixed n keeps batches rectangular).
+    With a boolean `body` mask (z, y, x) the positions are uniform in the overlap's part inside the body (lungs and
+    bowel gas included: the paper samples "n positions from the overlapping region", the authors' code inside the
+    flood-filled body): candidates are rejection-sampled (voxel of a candidate = nearest voxel centre); if fewer than
+    n land inside, the rest are filled with positions elsewhere in the overlap (a fixed n keeps batches rectangular).
     """
     lo, hi = overlap_range(box1, box2, patch_size, volume_shape)
-    if foreground is None:
+    if body is None:
         return rng.uniform(lo, hi, size=(n, 3))
-    if foreground.shape != tuple(volume_shape):
-        raise ValueError(f'foreground shape {foreground.shape} != volume shape {tuple(volume_shape)}')
-    candidates = rng.uniform(lo, hi, size=(FOREGROUND_OVERSAMPLING * n, 3))
+    if body.shape != tuple(volume_shape):
+        raise ValueError(f'body mask shape {body.shape} != volume shape {tuple(volume_shape)}')
+    candidates = rng.uniform(lo, hi, size=(BODY_OVERSAMPLING * n, 3))
     voxels = np.rint(candidates).astype(np.intp)  # inside the volume: the overlap is within [0, shape - 1]
-    inside = foreground[voxels[:, 0], voxels[:, 1], voxels[:, 2]]
-    # stable order: foreground candidates first, then the others as filling
+    inside = body[voxels[:, 0], voxels[:, 1], voxels[:, 2]]
+    # stable order: body candidates first (still uniform among themselves), then the others as filling
     order = np.argsort(~inside, kind='stable')[:n]
     return candidates[order]
 
@@ -178,7 +179,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
 
 
 def sample_positive_pairs(volume: np.ndarray, patch_size, n: int, rng: np.random.Generator,
-                          foreground: np.ndarray = None, scale_range=DEFAULT_SCALE_RANGE,
+                          body: np.ndarray = None, scale_range=DEFAULT_SCALE_RANGE,
                           min_overlap: float = DEFAULT_MIN_OVERLAP, pad_value: float = 0.0):
     """One training example of the dense SSL from a preprocessed volume (C, z, y, x).
 
@@ -188,7 +189,7 @@ def sample_positive_pairs(volume: np.ndarray, patch_size, n: int, rng: np.random
     """
     patch_size = tuple(int(p) for p in patch_size)
     box1, box2 = sample_crop_pair(volume.shape[1:], patch_size, rng, scale_range, min_overlap)
-    positions = sample_overlap_positions(box1, box2, patch_size, volume.shape[1:], n, rng, foreground)
+    positions = sample_overlap_positions(box1, box2, patch_size, volume.shape[1:], n, rng, body)
     view1 = extract_crop(volume, box1, patch_size, pad_value)
     view2 = extract_crop(volume, box2, patch_size, pad_value)
     coords1 = to_view_coords(positions, box1, patch_size).astype(np.float32)

@@ -5,13 +5,15 @@ from torch import nn
 
 from nnscreener.baselines.intensity import INTENSITY_DIM
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.training.data_loaders import CLAHE, STOCK
+from nnscreener.density.pooling import body_mean, pooled_body
+from nnscreener.training.data_loaders import BODY, CLAHE, STOCK
 from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 from nnscreener.training.stages import HISTOGRAM_MODEL, density_from_block, modular_screener
 
 
 class DensityObjective(nn.Module):
-    """Mean voxel-wise NLL of pooled, noised (sd 0.1) descriptors given conditions; only the density model trains.
+    """Mean voxel-wise NLL of pooled, noised (sd 0.1) descriptors given conditions over the body's cells (the table
+    and the room are not part of the data the density describes); only the density model trains.
 
     The density model is initialised from the first batch (maximum-likelihood Gaussian / act-norm statistics): it
     starts near the data instead of at N(0, I), which saves many steps. `initialized` is a buffer, so a resumed run
@@ -30,10 +32,10 @@ class DensityObjective(nn.Module):
             x = self.screener.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1])
             y, c = self.screener.features(x, batch['crop_start'], self.noise_sd)
         y, c = y.float(), (c.float() if c is not None else None)
+        body = pooled_body(data[:, BODY:BODY + 1], self.screener.pool_stride)
         if not self.initialized:
             self._initialize(y, c)
-        nll = self.network.nll(y, c)
-        return nll.mean(), {}
+        return body_mean(self.network.nll(y, c), body), {}
 
     @torch.no_grad()
     def _initialize(self, y, c):

@@ -6,26 +6,28 @@ will see when fine-tuned); the teacher sees its own CLAHE input. Deep supervisio
 output is regressed, and the lower-resolution heads are `seg_layers`, which nnU-Net's loader skips anyway.
 """
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.training.data_loaders import CLAHE, STOCK
+from nnscreener.density.pooling import body_mean
+from nnscreener.training.data_loaders import BODY, CLAHE, STOCK
 from nnscreener.training.networks import build_plans_unet
-from nnscreener.training.stage_trainer import nnScreenerStageTrainer
+from nnscreener.training.stage_trainer import nnScreenerStageTrainer, shutdown_loader
 from nnscreener.training.stages import modular_screener
 
 
-TARGET_CLAMP = 10.0
+CALIBRATION_CROPS = 64  # pretraining crops whose teacher maps set the target's mean and sd
 
 
 class DistillationObjective(nn.Module):
-    """MSE between the student's output and the teacher's map, both in standardised units.
+    """MSE between the student's output and the teacher's map over the body, both in standardised units.
 
-    NLL maps have an arbitrary offset and scale and heavy tails (single voxels of thousands of nats, which would
-    dominate an MSE): the target is standardised robustly with the median and MAD-based sd of the teacher's first
-    batch (buffers, so distilled inference can undo it) and clamped to +-TARGET_CLAMP sd. The ranking of all but
-    the most extreme voxels is kept.
+    NLL maps have an arbitrary offset and scale: the target is standardised with the mean and sd of the teacher's
+    maps over the body voxels of CALIBRATION_CROPS pretraining crops (`calibrate`, before the first step; buffers,
+    so distilled inference maps back to the NLL scale), then regressed with plain MSE as in the paper, without a
+    clamp, so the most anomalous voxels keep their order. Outside the body the map is the body minimum at inference
+    whatever the student says there, so those voxels are not regressed.
     """
 
     def __init__(self, student: nn.Module, teacher: ModularScreener):
@@ -34,19 +36,36 @@ class DistillationObjective(nn.Module):
         self.register_buffer('target_mean', torch.tensor(0.0))
         self.register_buffer('target_sd', torch.tensor(0.0))
 
+    @torch.no_grad()
+    def teacher_map(self, data: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.teacher.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1]),
+                            crop_start, upsample=True).float()
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Sets target_mean / target_sd from teacher maps of `batches` (tensors on the device); under DDP the sums of
+        all ranks are pooled, so every rank standardises alike."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.target_mean.device)
+        for batch in batches:
+            values = self.teacher_map(batch['data'], batch['crop_start'])[batch['data'][:, BODY:BODY + 1] > 0.5]
+            sums += torch.stack([torch.tensor(values.numel(), dtype=torch.float64, device=sums.device),
+                                 values.double().sum(), values.double().square().sum()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        n, total, squares = sums.tolist()
+        if n == 0:
+            raise RuntimeError('no body voxels in the calibration crops of the distillation target')
+        mean = total / n
+        self.target_mean.fill_(mean)
+        self.target_sd.fill_(max((squares / n - mean ** 2) ** 0.5, 1e-6))
+
     def forward(self, batch: dict):
-        with torch.no_grad():
-            data = batch['data']
-            target = self.teacher(self.teacher.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1]),
-                                  batch['crop_start'], upsample=True).float()
-            if self.target_sd == 0:
-                median = target.median()
-                self.target_mean.fill_(median)
-                self.target_sd.fill_((1.4826 * (target - median).abs().median()).clamp_min(1e-6))
-            target = ((target - self.target_mean) / self.target_sd).clamp(-TARGET_CLAMP, TARGET_CLAMP)
+        if self.target_sd == 0:
+            raise RuntimeError('DistillationObjective.calibrate must run before training')
+        data = batch['data']
+        target = (self.teacher_map(data, batch['crop_start']) - self.target_mean) / self.target_sd
         prediction = self.network(data[:, STOCK:STOCK + 1]).float()
-        loss = F.mse_loss(prediction, target)
-        return loss, {}
+        return body_mean((prediction - target).square(), data[:, BODY:BODY + 1] > 0.5), {}
 
 
 class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
@@ -56,3 +75,22 @@ class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
         teacher = modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.screener,
                                    self.device)
         return DistillationObjective(build_plans_unet(self.configuration_manager, 1), teacher)
+
+    def run_training(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self.objective.target_sd == 0:  # a fresh run (a resumed one restored the buffers)
+            self._calibrate_target()
+        super().run_training()
+
+    def _calibrate_target(self) -> None:
+        batch_size = self.per_rank_batch_size(self.hparams['batch_size'])
+        world = dist.get_world_size() if self.is_ddp else 1
+        loader = self.build_loader(seed=self.seed - 1 - self.local_rank)  # not the training crops
+        batches = [{k: torch.as_tensor(v).to(self.device) for k, v in next(loader).items()}
+                   for _ in range(max(1, CALIBRATION_CROPS // (batch_size * world)))]
+        shutdown_loader(loader)
+        self.objective.calibrate(batches)
+        self.print_to_log_file(f'distillation target: mean {float(self.objective.target_mean):.4g}, sd '
+                               f'{float(self.objective.target_sd):.4g} over the body voxels of {CALIBRATION_CROPS} '
+                               f'pretraining crops')

@@ -11,11 +11,11 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnscreener.preprocessing.screener_cache import BODY_THRESHOLD, ScreenerCache
+from nnscreener.preprocessing.screener_cache import ScreenerCache
 from nnscreener.ssl.crop_pairs import (CropBox, extract_crop, sample_crop_pair, sample_overlap_positions,
                                        to_view_coords)
 
-STOCK, CLAHE = 0, 1  # channels of a cache volume
+STOCK, CLAHE, BODY = 0, 1, 2  # channels of a cache volume
 
 
 class _CacheLoader(SlimDataLoaderBase):
@@ -63,7 +63,7 @@ class CropPairLoader(_CacheLoader):
             boxes = sample_crop_pair(volume.shape[1:], self.patch_size, rng)
             region, boxes = read_region(volume, boxes, self.patch_size)
             positions = sample_overlap_positions(*boxes, self.patch_size, region.shape[1:], self.pairs_per_image,
-                                                 rng, foreground=region[STOCK] > BODY_THRESHOLD)
+                                                 rng, body=region[BODY] > 0.5)
             for k, box in enumerate(boxes):
                 views[k].append(extract_crop(region[CLAHE:CLAHE + 1], box, self.patch_size))
                 coords[k].append(to_view_coords(positions, box, self.patch_size).astype(np.float32))
@@ -72,7 +72,7 @@ class CropPairLoader(_CacheLoader):
 
 
 class RandomCropLoader(_CacheLoader):
-    """Patch-size crops (stock input and CLAHE) at random positions, centres inside the body where possible."""
+    """Patch-size crops (stock input, CLAHE, body mask) at random positions, centres inside the body where possible."""
 
     def generate_train_batch(self) -> dict:
         rng = self._rng()
@@ -92,7 +92,7 @@ class RandomCropLoader(_CacheLoader):
         for _ in range(10):  # prefer crops centred on the body: air-only crops teach the density model little
             start = np.array([rng.integers(h + 1) for h in high])
             centre = tuple(np.minimum(start + patch // 2, shape - 1))
-            if volume[(STOCK, *centre)] > BODY_THRESHOLD:
+            if volume[(BODY, *centre)] > 0.5:
                 break
         return start
 
