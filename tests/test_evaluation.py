@@ -1,6 +1,7 @@
 """Metrics of the unsupervised anomaly maps and nnScreener_evaluate end to end (tiny volumes, CPU)."""
 import csv
 import json
+import os
 import time
 
 import numpy as np
@@ -242,3 +243,132 @@ def test_map_agreement_is_pearson_r(tmp_path):
             sitk.WriteImage(sitk.GetImageFromArray(sign * values), str(tmp_path / folder / f'{case}.nii.gz'))
     result = map_agreement(str(tmp_path / 'a'), str(tmp_path / 'b'))
     assert result['pearson_r_pooled'] == pytest.approx(-1.0) and result['n_cases'] == 2
+
+
+# ---------------------------------------------------------------- body-only evaluation (-images)
+
+
+def test_pro_counts_region_restricts_the_false_positives_only():
+    rng = np.random.default_rng(7)
+    a, b = two_lesions()
+    score = rng.random(a.shape)
+    region = np.zeros(a.shape, bool)
+    region[:, 1:12, :] = True  # cuts through lesion B (rows 12:14): its voxels outside still count as lesion
+    thresholds = np.sort(rng.random(5))
+    overlap, false_positives, n_normal = pro_counts(score, a | b, thresholds, region=region)
+    assert np.allclose(overlap, pro_counts(score, a | b, thresholds)[0])
+    normal = region & ~(a | b)
+    assert n_normal == normal.sum() < (~(a | b)).sum()
+    assert np.array_equal(false_positives, [(score[normal] >= t).sum() for t in thresholds])
+
+
+def body_ct_and_lesion(shape=(20, 40, 40)):
+    """Synthetic CT (z, y, x) in HU: a body ellipse at 40 HU in -1000 HU air, and a lesion mask inside it whose last
+    rows reach into the air (lesion voxels outside the body must still count as lesion)."""
+    _, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    body = ((y - 20) / 14) ** 2 + ((x - 20) / 16) ** 2 < 1
+    ct = np.where(body, 40, -1000).astype(np.int16)
+    lesion = np.zeros(shape, bool)
+    lesion[6:12, 12:20, 14:22] = True
+    lesion[8:10, 33:36, 18:21] = True  # rows 34-35 are air (the ellipse ends at y = 33)
+    assert (lesion & ~body).any()
+    return ct, body, lesion
+
+
+def write_body_cases(tmp_path, map_of, n_cases=4, ct_suffix=''):
+    """pred/, ref/, images/ of n_cases copies of body_ct_and_lesion; map_of(body, lesion, rng) -> float map."""
+    folders = [tmp_path / f for f in ('pred', 'ref', 'images')]
+    for folder in folders:
+        folder.mkdir()
+    ct, body, lesion = body_ct_and_lesion()
+    rng = np.random.default_rng(11)
+    for i in range(n_cases):
+        write_nifti(folders[0] / f'case_{i}.nii.gz', map_of(body, lesion, rng).astype(np.float32))
+        write_nifti(folders[1] / f'case_{i}.nii.gz', lesion.astype(np.uint8))
+        write_nifti(folders[2] / f'case_{i}{ct_suffix}.nii.gz', ct)
+    return [str(f) for f in folders]
+
+
+def run_evaluate_cli(monkeypatch, *args):
+    from nnscreener.evaluation.evaluate import evaluate_entry
+    monkeypatch.setattr('sys.argv', ['nnScreener_evaluate', *args])
+    evaluate_entry()
+
+
+@pytest.mark.parametrize('region', ['default', 'whole_image', 'body'])
+def test_cli_perfect_and_inverted_maps(tmp_path, monkeypatch, region):
+    for name, sign in (('perfect', 1), ('inverted', -1)):
+        case_dir = tmp_path / name
+        case_dir.mkdir()
+        pred, ref, images = write_body_cases(case_dir, lambda body, lesion, rng: (lesion if sign > 0 else ~lesion),
+                                             ct_suffix='_0000')  # nnU-Net style CT names
+        out = case_dir / 'out'
+        region_args = {'default': [], 'whole_image': ['--whole_image'], 'body': ['-images', images]}[region]
+        run_evaluate_cli(monkeypatch, '-pred', pred, '-ref', ref, '-o', str(out), '--n_threshold_cases', '2',
+                         *region_args)
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['settings']['region'] == ('body' if region == 'body' else 'whole_image')
+        if sign > 0:
+            assert summary['auroc'] == 1.0 and summary['auroc_up_to_fpr'] == pytest.approx(1.0)
+            assert summary['aupro_up_to_fpr'] == pytest.approx(1.0)
+            assert summary['dice_mean'] == 1.0 and summary['average_precision_mean'] == pytest.approx(1.0)
+        else:
+            assert summary['auroc'] == 0.0 and summary['auroc_up_to_fpr'] == 0.0
+            assert summary['dice_mean'] < 0.2
+
+
+def test_body_only_vs_whole_image(tmp_path, capsys):
+    """Air scores low, body moderate, lesion higher but overlapping the body: the air is easy negatives, so the
+    whole-image AUROC is inflated; the body-only AUROC is the roc_auc of the body voxels."""
+    def map_of(body, lesion, rng):
+        score = np.where(body, rng.uniform(0.2, 0.8, body.shape), rng.uniform(0.0, 0.05, body.shape))
+        return np.where(lesion, rng.uniform(0.4, 1.0, body.shape), score)  # P(lesion > body) = 1 - 0.5 * (2/3)^2
+
+    pred, ref, images = write_body_cases(tmp_path, map_of)
+    body_only = evaluate_anomaly_maps(pred, ref, str(tmp_path / 'body'), n_threshold_cases=2, images_folder=images)
+    assert 'whole image' not in capsys.readouterr().err
+    whole = evaluate_anomaly_maps(pred, ref, str(tmp_path / 'whole'), n_threshold_cases=2)
+    assert 'air' in capsys.readouterr().err  # the one-line warning
+    assert whole['settings']['region'] == 'whole_image' and whole['settings']['images_folder'] is None
+    assert body_only['settings']['region'] == 'body'
+    assert body_only['settings']['images_folder'] == os.path.abspath(images)
+    assert whole['auroc'] > body_only['auroc'] + 0.07
+    assert whole['aupro_up_to_fpr'] > body_only['aupro_up_to_fpr'] + 0.05
+
+    from nnscreener.preprocessing.body import body_mask_hu
+    ct, ellipse, _ = body_ct_and_lesion()
+    body = body_mask_hu(ct, (2.0, 0.8, 0.8))
+    assert (body == ellipse).mean() > 0.99  # the scenario is what it claims to be
+    maps = [sitk.GetArrayFromImage(sitk.ReadImage(f'{pred}/case_{i}.nii.gz')) for i in range(4)]
+    lesions = [sitk.GetArrayFromImage(sitk.ReadImage(f'{ref}/case_{i}.nii.gz')) > 0 for i in range(4)]
+    keep = [body | m for m in lesions]
+    expected = roc_auc_score(np.concatenate([m[k] for m, k in zip(lesions, keep)]),
+                             np.concatenate([s[k] for s, k in zip(maps, keep)]))
+    assert expected == pytest.approx(1 - 0.5 * (2 / 3) ** 2, abs=0.02)
+    assert body_only['auroc'] == pytest.approx(expected, abs=0.02)  # 4 x (1000 + 1000) samples
+    # average precision needs no sampling: exactly sklearn's on body | mask (lesion voxels in the air included)
+    rows = {r['case']: r for r in csv.DictReader((tmp_path / 'body' / 'metrics_per_case.csv').open())}
+    for i, (s, m, k) in enumerate(zip(maps, lesions, keep)):
+        assert float(rows[f'case_{i}']['average_precision']) == pytest.approx(average_precision_score(m[k], s[k]))
+    whole_rows = {r['case']: r for r in csv.DictReader((tmp_path / 'whole' / 'metrics_per_case.csv').open())}
+    assert float(whole_rows['case_0']['average_precision']) == pytest.approx(
+        average_precision_score(lesions[0].ravel(), maps[0].ravel()))
+    # --whole_image ignores the images
+    forced = evaluate_anomaly_maps(pred, ref, str(tmp_path / 'forced'), n_threshold_cases=2, images_folder=images,
+                                   whole_image=True, verbose=False)
+    assert forced['auroc'] == whole['auroc'] and forced['settings']['region'] == 'whole_image'
+
+
+def test_body_evaluation_refuses_missing_or_misaligned_ct(tmp_path, monkeypatch, capsys):
+    pred, ref, images = write_body_cases(tmp_path, lambda body, lesion, rng: lesion.astype(float))
+    os.remove(os.path.join(images, 'case_2.nii.gz'))
+    with pytest.raises(SystemExit) as exit_info:
+        run_evaluate_cli(monkeypatch, '-pred', pred, '-ref', ref, '-images', images, '--n_threshold_cases', '2')
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'case_2' in err and 'CT' in err
+    write_nifti(os.path.join(images, 'case_2.nii.gz'), np.zeros((20, 40, 40), np.int16), spacing=(0.8, 0.8, 2.5))
+    with pytest.raises(ScreenerInputError, match='case_2.*spacing.*CT'):
+        evaluate_anomaly_maps(pred, ref, n_threshold_cases=2, images_folder=images, verbose=False)
+    with pytest.raises(ScreenerInputError, match='does not exist'):
+        evaluate_anomaly_maps(pred, ref, n_threshold_cases=2, images_folder=str(tmp_path / 'nope'), verbose=False)

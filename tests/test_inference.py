@@ -168,10 +168,11 @@ def test_identity_map_in_input_geometry_reproduces_the_ct(plans, tmp_path):
     plans_manager, configuration_manager, dataset_json, _ = plans
     hu, _ = synthetic_ct(shift=4)
     image_file = write_nifti(hu, tmp_path / 'ct.nii.gz', origin=(10.0, -20.0, 5.0))
-    stock, clahe, properties = preprocess_for_screener(image_file, plans_manager, configuration_manager, dataset_json)
-    assert stock.shape == clahe.shape == (40, 96, 96)  # 30 x 80 x 80 at (3, 1.8, 1.8) -> (2.25, 1.5, 1.5) mm
-    assert not np.allclose(stock, clahe)
-    anomaly_map = sliding_window_anomaly_map(stock, clahe, identity_model(configuration_manager.patch_size))
+    stock, view, properties = preprocess_for_screener(image_file, plans_manager, configuration_manager, dataset_json)
+    assert stock.shape == (40, 96, 96)  # 30 x 80 x 80 at (3, 1.8, 1.8) -> (2.25, 1.5, 1.5) mm
+    assert view.clahe.shape == view.body.shape == stock[view.slicer].shape
+    assert not np.allclose(stock[view.slicer], view.clahe)
+    anomaly_map = sliding_window_anomaly_map(stock, stock, identity_model(configuration_manager.patch_size))
     map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
     assert map_raw.shape == hu.shape and map_raw.dtype == np.float32
     reference = rescaled_hu(hu)
@@ -265,14 +266,13 @@ def test_real_scans_keep_their_geometry_and_alignment(plans, tmp_path, monkeypat
     aligned with the scan, so no axis was flipped or transposed (int16/int32/float32 storage, 3 directions)."""
     plans_manager, configuration_manager, dataset_json, _ = plans
     # CLAHE cannot move voxels and the pooled model ignores it: skip it to save time
-    monkeypatch.setattr('nnscreener.inference.anomaly_maps.screener_clahe', lambda volume, min_size: volume)
+    monkeypatch.setattr('nnscreener.preprocessing.screener_cache.apply_clahe', lambda volume, clip_limit: volume)
     scans = sorted(REAL_CT.glob('*_ct*.nii.gz'))
     assert len(scans) >= 10
     for scan in scans:
         name, image_file = scan.name, str(scan)
-        stock, clahe, properties = preprocess_for_screener(image_file, plans_manager, configuration_manager,
-                                                           dataset_json)
-        anomaly_map = sliding_window_anomaly_map(stock, clahe, pooled_model(configuration_manager.patch_size),
+        stock, _, properties = preprocess_for_screener(image_file, plans_manager, configuration_manager, dataset_json)
+        anomaly_map = sliding_window_anomaly_map(stock, stock, pooled_model(configuration_manager.patch_size),
                                                  step_size=1.0, batch_size=8)
         map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
         out_file = str(tmp_path / name.replace('.nii.gz', '.nii'))  # uncompressed: same header, faster
@@ -310,13 +310,110 @@ def test_overlay_png_shows_the_top_slices(tmp_path):
     hu, sphere = synthetic_ct(shift=0)
     anomaly_map = rescaled_hu(hu).astype(np.float32) + 2.0 * sphere
     out_png = tmp_path / 'overlay.png'
-    save_overlay_png(hu, anomaly_map, (3.0, 1.8, 1.8), str(out_png), n_slices=3, mask=sphere)
+    mask = sphere.copy()
+    mask[25:28, 40:45, 50:55] = 1  # a second lesion: the sphere is the one high region, so 2 panels
+    save_overlay_png(hu, anomaly_map, (3.0, 1.8, 1.8), str(out_png), n_slices=3, mask=mask, title='case - model')
     import matplotlib.image
     png = matplotlib.image.imread(str(out_png))
-    assert png.ndim == 3 and 200 < png.shape[0] < 800 and png.shape[1] > 2 * png.shape[0]
+    assert png.ndim == 3 and 200 < png.shape[0] < 800 and png.shape[1] > 1.5 * png.shape[0]  # 2 panels in a row
     assert png[..., :3].std() > 0.1  # not blank
+    assert [f.name for f in tmp_path.iterdir()] == ['overlay.png']  # atomic: no temporary file left
     with pytest.raises(ValueError, match='one'):
         save_overlay_png(hu, anomaly_map[1:], (3.0, 1.8, 1.8), str(out_png))
+
+
+def test_overlay_slices_are_the_top_region_and_every_lesion_centre():
+    from nnscreener.inference.overlays import overlay_slices
+    shape = (40, 30, 30)
+    body = np.zeros(shape, bool)
+    body[:, 3:27, 3:27] = True
+    anomaly_map = np.random.default_rng(0).random(shape).astype(np.float32) * 0.1
+    anomaly_map[4:7, 10:13, 10:13] = 1.0  # the highest-scoring region, centred on z = 5
+    anomaly_map[20, 15, 15] = 10.0  # one noisy voxel in the body: smoothed, it is below the region
+    anomaly_map[30, 0, 0] = 100.0  # far above everything, but in the air
+    anomaly_map[34:36, 20:22, 20:22] = 0.6  # a third, weaker region
+    mask = np.zeros(shape, np.uint8)
+    mask[10:15, 5:12, 5:12] = 1  # lesion 1 (the larger), centre z = 12
+    mask[24:27, 20:22, 20:22] = 2  # lesion 2, centre z = 25
+    assert overlay_slices(anomaly_map, body, mask) == [('top region', 5), ('lesion 1', 12), ('lesion 2', 25)]
+    # without the body the air voxel wins; without a mask there is only the top region
+    assert overlay_slices(anomaly_map, None, None) == [('top region', 30)]
+    # further top regions: other high regions, >= 20 mm (here 10 slices of 2 mm) from the earlier ones
+    panels = overlay_slices(anomaly_map, body, mask, n_top=3, spacing=(2.0, 1.0, 1.0))
+    assert panels[:3] == [('top region 1', 5), ('lesion 1', 12), ('lesion 2', 25)]
+    assert panels[3] == ('top region 2', 20)  # the next region by its maximum: the (smoothed) noisy voxel
+    assert len(panels) == 5 and panels[4][0] == 'top region 3' and panels[4][1] in (34, 35)
+    # 1 mm slices: the noisy voxel's slice is 15 mm from the top region's, too close to be shown again
+    assert [p[1] in (34, 35) for p in overlay_slices(anomaly_map, body, mask, n_top=3, spacing=(1.0,) * 3)[3:]] \
+        == [True]
+    on_top = mask.copy()
+    on_top[4:7, 20:23, 20:23] = 3  # a lesion on the top region's slice (the 2nd largest): named in its panel
+    assert overlay_slices(anomaly_map, body, on_top) == [('top region + lesion 2', 5), ('lesion 1', 12),
+                                                         ('lesion 3', 25)]
+    # a concave lesion whose centre of mass misses it: the nearest slice the lesion is in
+    curved = np.zeros(shape, np.uint8)
+    curved[8:10, 5:8, 5:20] = curved[8:30, 5:8, 5:7] = curved[28:30, 5:8, 5:20] = 1
+    (_, z), = overlay_slices(anomaly_map, body, curved)[1:]
+    assert curved[z].any()
+    # at most max_panels panels: the largest lesions first
+    many = np.zeros(shape, np.uint8)
+    for k in range(8):
+        many[2 + 4 * k:4 + 4 * k, 20:20 + k + 2, 5:7] = 1
+    panels = overlay_slices(anomaly_map, body, many, max_panels=6)
+    assert len(panels) == 6 and [label for label, _ in panels[1:]] == [f'lesion {k}' for k in range(1, 6)]
+    assert [z for _, z in panels[1:]] == [2 + 4 * k for k in (7, 6, 5, 4, 3)]  # centre 2.5 + 4k -> first slice
+
+
+def test_overlay_colour_scale_ignores_a_single_extreme_voxel():
+    from nnscreener.inference.overlays import heat_range
+    rng = np.random.default_rng(1)
+    anomaly_map = rng.normal(0, 1, (20, 40, 40)).astype(np.float32)
+    body = np.zeros(anomaly_map.shape, bool)
+    body[:, 5:35, 5:35] = True
+    vmin, vmax = heat_range(anomaly_map, body)
+    assert vmin == pytest.approx(np.percentile(anomaly_map[body], 95))
+    assert vmax == pytest.approx(np.percentile(anomaly_map[body], 99.9))
+    spiked = anomaly_map.copy()
+    spiked[10, 20, 20] = 1e6
+    spiked[0, 0, 0] = -1e6  # outside the body: ignored
+    assert heat_range(spiked, body) == pytest.approx((vmin, vmax), abs=0.1)  # one order statistic further
+    assert 2.5 < heat_range(spiked, body)[1] < 4.0
+    binary = body & (rng.random(body.shape) < 0.0005)  # top 5 % of the body all 0: vmax is the maximum
+    assert heat_range(binary.astype(np.float32), body) == (0.0, 1.0)
+
+
+def test_overlay_window_is_lung_where_most_of_the_body_is_lung():
+    from nnscreener.inference.overlays import LUNG_WINDOW, SOFT_TISSUE_WINDOW, slice_window
+    ct = np.full((40, 40), -1000.0)
+    body = np.zeros(ct.shape, bool)
+    body[5:35, 5:35] = True
+    ct[body] = 40.0
+    assert slice_window(ct, body) == ('soft tissue', SOFT_TISSUE_WINDOW)  # the air outside does not count
+    ct[10:30, 8:20] = ct[10:30, 21:32] = -850.0  # lungs: 460 of 900 body voxels
+    assert slice_window(ct, body) == ('lung', LUNG_WINDOW)
+    assert (LUNG_WINDOW[0] + LUNG_WINDOW[1]) / 2 == -600 and LUNG_WINDOW[1] - LUNG_WINDOW[0] == 1500
+    assert (SOFT_TISSUE_WINDOW[0] + SOFT_TISSUE_WINDOW[1]) / 2 == 40
+
+
+def test_predict_overlays_are_titled_and_show_existing_reference_masks(plans, tmp_path, monkeypatch):
+    import nnscreener.inference.anomaly_maps as anomaly_maps
+    plans_manager, configuration_manager, dataset_json, raw = plans
+    references = tmp_path / 'ref'
+    references.mkdir()
+    (references / 'case0.nii.gz').write_bytes((raw / 'labelsTr' / 'case0.nii.gz').read_bytes())  # none for case1
+    calls = []
+
+    def recording_overlay(*args, **kwargs):
+        calls.append(kwargs)
+        return save_case_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(anomaly_maps, 'save_case_overlay', recording_overlay)
+    predict_anomaly_maps(str(raw / 'imagesTr'), str(tmp_path / 'maps'), identity_model(configuration_manager.patch_size),
+                         plans_manager, configuration_manager, dataset_json, overlays=2, model_name='distilled',
+                         reference_folder=str(references))
+    by_title = {c['title']: c['mask_file'] for c in calls}
+    assert by_title == {'case0 - distilled': str(references / 'case0.nii.gz'), 'case1 - distilled': None}
+    assert sorted(f.name for f in (tmp_path / 'maps' / 'overlays').iterdir()) == ['case0.png', 'case1.png']
 
 
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason='shared/realct is not beside the project')

@@ -33,10 +33,18 @@ METHODS = {
     'Screener (sin-cos cond. + Gaussian)': ('modular', 'nnScreenerDensityTrainer_sincosGaussian'),
     'Baseline: HU given position': ('modular', 'nnScreenerDensityTrainer_intensity'),
     'Baseline: 3D autoencoder': ('autoencoder', 'nnScreenerAutoencoderTrainer'),
+    'Baseline: local contrast': ('local_contrast', None),
     'Screener distilled (UNet)': ('distilled', None),
 }
-METRICS = {'auroc': 'voxel AUROC', 'auroc_up_to_fpr': 'AUROC@FPR0.3', 'aupro_up_to_fpr': 'AUPRO@FPR0.3',
-           'dice_mean': 'Dice (fixed threshold)'}
+SCREENER, DISTILLED = list(METHODS)[0], list(METHODS)[-1]
+METHOD_IDS = dict(zip(METHODS, ('screener', 'flow', 'marginal', 'sincos', 'intensity', 'autoencoder', 'local_contrast',
+                                'distilled')))  # --methods
+# keys of benchmarks/results/phantom_quality.json: the issue's names for the two Screener models, else the trainer
+RESULT_KEYS = {SCREENER: 'screener', DISTILLED: 'screener_distilled', 'Baseline: local contrast': 'local_contrast'}
+# evaluation summary key -> (markdown title, key in the results JSON); all body-only (normal voxels from the body)
+METRICS = {'auroc': ('voxel AUROC', 'auroc_body'), 'auroc_up_to_fpr': ('AUROC@FPR0.3', 'auroc_fpr03_body'),
+           'aupro_up_to_fpr': ('AUPRO@FPR0.3', 'aupro_fpr03_body'), 'average_precision_mean': ('AP', 'ap'),
+           'dice_mean': ('Dice (fixed threshold)', 'dice')}
 ALL_LESIONS = 'all lesions'
 PREDICT_BATCH = 32  # patches per forward pass: tiny-preset patches are small, per-call overhead dominates at 4
 
@@ -45,11 +53,12 @@ def slug(method: str) -> str:
     return ''.join(c if c.isalnum() else '_' for c in method).strip('_')
 
 
-def train_methods(seed: int, device: str, timings: dict) -> None:
+def train_methods(seed: int, device: str, timings: dict, methods) -> None:
     """The four Screener stages, then every other density-stage variant on the same descriptor and condition."""
     with timed(timings, 'pretrain: descriptor, condition, density, distillation'):
         pretrain(TARGET, device=device, continue_=True, seed=seed)
-    for method, (_, trainer) in METHODS.items():
+    for method in methods:
+        trainer = METHODS[method][1]
         if trainer is not None:
             with timed(timings, f'train {method}'):
                 pretrain(TARGET, stages=['density'], device=device, continue_=True, density_trainer=trainer,
@@ -78,9 +87,11 @@ def type_references(raw: str, work: str) -> dict:
 
 
 def evaluate_method(maps: str, raw: str, types: dict) -> dict:
-    """{ALL_LESIONS or type: summary}; per type on a folder of links to that type's cases' maps."""
+    """{ALL_LESIONS or type: summary}, body-only (the paper's way: normal voxels from the patient's body); per type
+    on a folder of links to that type's cases' maps."""
+    images = join(raw, 'imagesTr')
     results = {ALL_LESIONS: evaluate_anomaly_maps(maps, join(raw, 'labelsTr'), join(maps, 'evaluation'),
-                                                  n_threshold_cases=5, verbose=False)}
+                                                  n_threshold_cases=5, verbose=False, images_folder=images)}
     for name, (reference, cases) in types.items():
         if len(cases) < 3:
             print(f'{name}: only {len(cases)} test case(s), not scored')
@@ -91,32 +102,36 @@ def evaluate_method(maps: str, raw: str, types: dict) -> dict:
         for case in cases:
             os.symlink(join(maps, case + '.nii.gz'), join(subset, case + '.nii.gz'))
         results[name] = evaluate_anomaly_maps(subset, reference, join(subset, 'evaluation'),
-                                              n_threshold_cases=min(3, len(cases) - 2), verbose=False)
+                                              n_threshold_cases=min(3, len(cases) - 2), verbose=False,
+                                              images_folder=images)
     return results
 
 
-def run_seed(seed: int, work: str, raw: str, types: dict, device: str) -> dict:
+def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods) -> dict:
     use_seed_results(work, seed)
     timings = {}
-    train_methods(seed, device, timings)
+    train_methods(seed, device, timings, methods)
     result = {'timings_s': timings, 'methods': {}}
-    for method, (kind, trainer) in METHODS.items():
+    for method in methods:
+        kind, trainer = METHODS[method]
         maps = join(work, 'maps', f'seed{seed}', slug(method))
         with timed(timings, f'predict {method}'):
-            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device, batch_size=PREDICT_BATCH,
+            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device if kind != 'local_contrast' else 'cpu',
+                    batch_size=PREDICT_BATCH,
                     overlays=2 if seed == 0 else 0, continue_=True,
                     density_trainer=trainer if kind == 'modular' else None)
         with timed(timings, f'evaluate {method}'):
             result['methods'][method] = evaluate_method(maps, raw, types)
-    result['distilled_vs_modular'] = map_agreement(join(work, 'maps', f'seed{seed}', slug(list(METHODS)[0])),
-                                                   join(work, 'maps', f'seed{seed}', slug(list(METHODS)[-1])))
+    if SCREENER in methods and DISTILLED in methods:
+        result['distilled_vs_modular'] = map_agreement(join(work, 'maps', f'seed{seed}', slug(SCREENER)),
+                                                       join(work, 'maps', f'seed{seed}', slug(DISTILLED)))
     return result
 
 
-def aggregate(per_seed: dict) -> dict:
+def aggregate(per_seed: dict, methods) -> dict:
     """{method: {group: {metric: mean_sd over seeds}}}."""
     table = {}
-    for method in METHODS:
+    for method in methods:
         groups = {}
         for seed_result in per_seed.values():
             for group, summary in seed_result['methods'][method].items():
@@ -126,26 +141,43 @@ def aggregate(per_seed: dict) -> dict:
     return table
 
 
+def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
+    """benchmarks/results/phantom_quality.json: means over seeds, body-only, keyed as the issue asks."""
+    methods = {}
+    for method, groups in table.items():
+        key = RESULT_KEYS.get(method) or METHODS[method][1]
+        methods[key] = {('all' if g == ALL_LESIONS else g): {METRICS[m][1]: stats[m]['mean'] for m in METRICS}
+                        for g, stats in groups.items()}
+        methods[key]['method'] = method
+    agreement = [r['distilled_vs_modular']['pearson_r_pooled'] for r in per_seed.values() if 'distilled_vs_modular' in r]
+    return {'preset': settings['preset'], 'seeds': settings['seeds'], 'methods': methods,
+            'distilled_vs_modular_pearson_r': mean_sd(agreement)['mean'], 'evaluation': 'body-only',
+            'settings': settings}
+
+
 def markdown(table: dict, per_seed: dict, settings: dict) -> str:
-    groups = [ALL_LESIONS] + [n for n in LESION_TYPES.values() if n in table[list(METHODS)[0]]]
+    first = next(iter(table))
+    groups = [ALL_LESIONS] + [n for n in LESION_TYPES.values() if n in table[first]]
     seeds = sorted(per_seed)
     lines = [f"Phantom benchmark: {settings['n_pretrain']} pretraining / {settings['n_test']} test phantoms "
              f"(phantom seed 0), preset `{settings['preset']}`, training seeds {seeds}, {settings['machine']['device']}"
-             f". Mean ± sd over seeds.", '']
-    for metric, title in METRICS.items():
+             f", {settings['machine']['date']}. Body-only metrics (normal voxels from the patient's body). "
+             f"Mean ± sd over seeds.", '']
+    for metric, (title, _) in METRICS.items():
         lines += [f'**{title}**', '', '| Method | ' + ' | '.join(groups) + ' |', '|---' * (len(groups) + 1) + '|']
         for method, row in table.items():
             lines.append(f'| {method} | ' + ' | '.join(fmt(row[g][metric]) if g in row else '-' for g in groups) + ' |')
         lines.append('')
-    agreement = mean_sd([per_seed[s]['distilled_vs_modular']['pearson_r_pooled'] for s in seeds])
-    lines.append(f'Distilled vs modular map agreement: Pearson r (pooled voxels) {fmt(agreement)}.')
-    counts = {g: per_seed[seeds[0]]['methods'][list(METHODS)[0]][g]['n_pathological'] for g in groups}
+    if all('distilled_vs_modular' in per_seed[s] for s in seeds):
+        agreement = mean_sd([per_seed[s]['distilled_vs_modular']['pearson_r_pooled'] for s in seeds])
+        lines.append(f'Distilled vs modular map agreement: Pearson r (pooled voxels) {fmt(agreement)}.')
+    counts = {g: per_seed[seeds[0]]['methods'][first][g]['n_pathological'] for g in groups}
     lines.append('Test cases per group: ' + ', '.join(f'{g} {n}' for g, n in counts.items()) + '.')
     return '\n'.join(lines) + '\n'
 
 
 def plot(table: dict, out_png: str) -> None:
-    groups = [g for g in [ALL_LESIONS, *LESION_TYPES.values()] if g in table[list(METHODS)[0]]]
+    groups = [g for g in [ALL_LESIONS, *LESION_TYPES.values()] if g in table[next(iter(table))]]
     figure = Figure(figsize=(2.0 + 1.6 * len(groups), 5.0))
     axes = figure.subplots()
     width = 0.8 / len(table)
@@ -156,7 +188,7 @@ def plot(table: dict, out_png: str) -> None:
                  capsize=2)
     axes.axhline(0.5, color='grey', lw=0.8, ls='--')
     axes.set_xticks(np.arange(len(groups)), [g.replace('_', '\n') for g in groups], fontsize=8)
-    axes.set_ylabel('voxel AUROC (mean ± sd over seeds)')
+    axes.set_ylabel('body voxel AUROC (mean ± sd over seeds)')
     axes.set_ylim(0.3, 1.0)
     axes.legend(fontsize=7, ncol=4, loc='upper center', bbox_to_anchor=(0.5, -0.2))
     figure.tight_layout()
@@ -174,11 +206,16 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('-np', type=int, default=2, help='processes for phantoms and preprocessing')
+    parser.add_argument('--methods', nargs='+', default=None, choices=list(METHOD_IDS.values()),
+                        help='a subset of the methods (default: all)')
+    parser.add_argument('--results_json', default=None,
+                        help='also write the issue-format summary here (e.g. benchmarks/results/phantom_quality.json)')
     args = parser.parse_args()
+    methods = [m for m in METHODS if args.methods is None or METHOD_IDS[m] in args.methods]
     out = args.out or join(args.work, 'results')
     os.makedirs(out, exist_ok=True)
     settings = {'preset': args.preset, 'n_pretrain': args.n_pretrain, 'n_test': args.n_test, 'seeds': args.seeds,
-                'phantom_seed': 0, 'machine': machine()}
+                'phantom_seed': 0, 'machine': machine(), 'methods': methods}
     timings = {}
     with timed(timings, 'phantoms, planning, preprocessing'):
         raw = make_world(args.work, args.preset, args.n_pretrain, args.n_test, num_processes=args.np)
@@ -186,12 +223,14 @@ def main():
     per_seed = {}
     for seed in args.seeds:
         with timed(timings, f'seed {seed}'):
-            per_seed[seed] = run_seed(seed, args.work, raw, types, args.device)
-        table = aggregate(per_seed)  # after every seed, so a long run shows results early
+            per_seed[seed] = run_seed(seed, args.work, raw, types, args.device, methods)
+        table = aggregate(per_seed, methods)  # after every seed, so a long run shows results early
         atomic_save_json(json_ready({'settings': settings, 'timings_s': timings, 'table': table,
                                      'per_seed': per_seed}), join(out, 'phantom_quality.json'))
         atomic_save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))
         plot(table, join(out, 'phantom_quality_auroc.png'))
+        if args.results_json:
+            atomic_save_json(json_ready(results_json(table, settings, per_seed)), args.results_json)
     print(open(join(out, 'phantom_quality.md')).read())
     print(f'wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items()))
 

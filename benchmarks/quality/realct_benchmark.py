@@ -39,7 +39,8 @@ from scipy.stats import percentileofscore
 from sklearn.metrics import roc_auc_score
 
 from nnscreener.evaluation.evaluate import PER_CASE_FILE, evaluate_anomaly_maps, json_ready
-from nnscreener.inference.anomaly_maps import body_mask, case_name, save_case_overlay
+from nnscreener.inference.anomaly_maps import case_name, save_case_overlay
+from nnscreener.preprocessing.body import body_mask_hu
 from nnscreener.inference.overlays import HEAT_PERCENTILE
 from nnscreener.inference.predict import predict
 from nnscreener.planners.presets import PRESETS
@@ -185,14 +186,16 @@ def model_info(results: str, dataset) -> dict:
 
 # ---------------------------------------------------------------- step 5: evaluation
 def tumour_ranks(ct_file: str, map_file: str, mask_file: str) -> dict:
-    """Body-only numbers (body = voxels > -500 HU, the paper's dense foreground) a person can read:
+    """Body-only numbers (body = `body_mask_hu`: the patient with lungs and gas, without table and room air) a person
+    can read:
     auroc_body: tumour voxels vs the other body voxels, every voxel (no air outside the body as easy negatives);
     tumour_median_percentile: % of the other body voxels scoring below the tumour's median score (50 = chance);
     tumour_above_heat_fraction: fraction of tumour voxels above the other body voxels' 95th percentile (the overlays
     colour roughly these); tumour_fraction_of_body: how much of the scanned body is tumour."""
-    ct, anomaly_map, tumour = (sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in (ct_file, map_file, mask_file))
+    images = [sitk.ReadImage(f) for f in (ct_file, map_file, mask_file)]
+    ct, anomaly_map, tumour = (sitk.GetArrayFromImage(i) for i in images)
     tumour = tumour > 0
-    body = body_mask(ct)
+    body = body_mask_hu(ct, images[0].GetSpacing()[::-1])
     rest = anomaly_map[body & ~tumour]
     inside = anomaly_map[tumour]
     labels = np.concatenate([np.ones(inside.size), np.zeros(rest.size)])
@@ -205,17 +208,19 @@ def tumour_ranks(ct_file: str, map_file: str, mask_file: str) -> dict:
 def evaluate_maps(maps: str, labeled: dict, masks: dict, eval_folder: str) -> dict:
     """nnScreener_evaluate on the sarcoma maps only (symlinked, with masks named like the maps), plus the body-only
     numbers of `tumour_ranks`."""
-    pred, ref = join(eval_folder, 'maps'), join(eval_folder, 'reference')
+    pred, ref, images = (join(eval_folder, f) for f in ('maps', 'reference', 'images'))
     shutil.rmtree(eval_folder, ignore_errors=True)
-    os.makedirs(pred)
-    os.makedirs(ref)
+    for folder in (pred, ref, images):
+        os.makedirs(folder)
     per_scan = {}
     for case, (ct, _) in labeled.items():
         name = case_name(ct)
         _link(join(maps, name + FILE_ENDING), join(pred, name + FILE_ENDING))
         _link(masks[case], join(ref, name + FILE_ENDING))
+        _link(ct, join(images, name + FILE_ENDING))
         per_scan[name] = tumour_ranks(ct, join(maps, name + FILE_ENDING), masks[case])
-    summary = evaluate_anomaly_maps(pred, ref, eval_folder, n_threshold_cases=1, verbose=False)
+    summary = evaluate_anomaly_maps(pred, ref, eval_folder, n_threshold_cases=1, verbose=False,
+                                    images_folder=images)
     with open(join(eval_folder, PER_CASE_FILE), newline='') as f:
         for row in csv.DictReader(f):
             per_scan[row['case']].update({k: float(row[k]) for k in ('auroc', 'auroc_up_to_fpr', 'dice')})

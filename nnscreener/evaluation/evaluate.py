@@ -4,12 +4,18 @@ Reads `<case>.nii.gz` float anomaly maps and `<case>.nii.gz` reference masks (> 
 voxel AUROC (1000 + 1000 sampled voxels per image, pooled over the dataset), AUROC and AUPRO up to FPR 0.3
 (MVTec AD, normalised), per-case average precision, and Dice at one threshold chosen on a few pathological cases
 and then fixed. Volumes are read one at a time (twice: sampling, then full-map counts), so datasets of any size fit.
+
+With the CTs (`-images`), every metric is computed in the patient's body (`body_mask_hu`), as in the paper's
+body-cropped space: the air around the patient and the table are never "normal" voxels. Without them the whole
+image grid counts, air included (easy negatives that inflate AUROC and AUPRO).
 """
 import argparse
 import csv
 import io
 import math
 import os
+import sys
+import zlib
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -19,6 +25,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, best_threshold_from_curves,
                                            dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
                                            pro_thresholds, sample_voxels)
+from nnscreener.preprocessing.body import body_mask_hu
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_save_json, atomic_save_text
 
@@ -55,7 +62,25 @@ def _case_names(pred_folder: str, ref_folder: str, file_ending: str) -> List[str
     return cases
 
 
-def _check_same_geometry(case: str, score_image: sitk.Image, ref_image: sitk.Image) -> None:
+def _image_files(images_folder: str, cases: List[str], file_ending: str) -> Dict[str, str]:
+    """{case: CT file}: `<case><file_ending>` or nnU-Net style `<case>_0000<file_ending>` in images_folder."""
+    if not os.path.isdir(images_folder):
+        raise ScreenerInputError(f'CT images folder {images_folder} does not exist')
+    files = {}
+    for case in cases:
+        found = [f for f in (case + file_ending, case + '_0000' + file_ending)
+                 if os.path.isfile(os.path.join(images_folder, f))]
+        if not found:
+            raise ScreenerInputError(f'no CT for case {case} in {images_folder}: expected {case}{file_ending} or '
+                                     f'{case}_0000{file_ending} (the scan its anomaly map was predicted from)')
+        if len(found) > 1:
+            raise ScreenerInputError(f'{" and ".join(found)} in {images_folder} are both case {case}: keep one')
+        files[case] = os.path.join(images_folder, found[0])
+    return files
+
+
+def _check_same_geometry(case: str, score_image: sitk.Image, ref_image: sitk.Image,
+                         other: str = 'reference') -> None:
     checks = (('size', score_image.GetSize(), ref_image.GetSize(), 0),
               ('spacing', score_image.GetSpacing(), ref_image.GetSpacing(), 1e-4),
               ('origin', score_image.GetOrigin(), ref_image.GetOrigin(), 1e-3),
@@ -63,12 +88,16 @@ def _check_same_geometry(case: str, score_image: sitk.Image, ref_image: sitk.Ima
     for what, got, expected, tolerance in checks:
         if len(got) != len(expected) or not np.allclose(got, expected, rtol=0, atol=tolerance):
             raise ScreenerInputError(f'case {case}: anomaly map {what} {tuple(np.round(got, 4))} differs from the '
-                                     f'reference {what} {tuple(np.round(expected, 4))}; maps must be on the grid '
-                                     f'of the reference masks (predict them from the same images)')
+                                     f'{other} {what} {tuple(np.round(expected, 4))}; maps must be on the grid '
+                                     f'of the reference masks and CTs (predict them from the same images)')
 
 
-def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str):
-    """-> (score map float32 (z, y, x), pathology mask bool (z, y, x)) after the geometry check."""
+def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str, image_file: Optional[str] = None,
+               bodies: Optional[Dict] = None):
+    """-> (score map float32 (z, y, x), pathology mask bool (z, y, x), body bool (z, y, x) or None) after the
+    geometry checks. The body (body_mask_hu of image_file, None without one) is computed for pathological cases
+    only, and once: `bodies` keeps it bit-packed and zlib-compressed (~1.5 kB per 512 x 512 slice) between the two
+    passes."""
     score_image = sitk.ReadImage(os.path.join(pred_folder, case + file_ending))
     ref_image = sitk.ReadImage(os.path.join(ref_folder, case + file_ending))
     _check_same_geometry(case, score_image, ref_image)
@@ -77,7 +106,22 @@ def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str):
     score_map = sitk.GetArrayFromImage(score_image).astype(np.float32)
     if not np.isfinite(score_map).all():
         raise ScreenerInputError(f'case {case}: the anomaly map contains NaN or infinite values')
-    return score_map, sitk.GetArrayFromImage(ref_image) > 0
+    mask = sitk.GetArrayFromImage(ref_image) > 0
+    if image_file is None:
+        return score_map, mask, None
+    bodies = {} if bodies is None else bodies
+    if case not in bodies:
+        try:
+            ct_image = sitk.ReadImage(image_file)
+        except RuntimeError as e:
+            raise ScreenerInputError(f'cannot read the CT {image_file} ({str(e).strip().splitlines()[-1]})')
+        _check_same_geometry(case, score_image, ct_image, other=f'CT {os.path.basename(image_file)}')
+        if not mask.any():  # a normal scan is left out of every metric: no body needed
+            return score_map, mask, None
+        body = body_mask_hu(sitk.GetArrayViewFromImage(ct_image), ct_image.GetSpacing()[::-1])
+        bodies[case] = zlib.compress(np.packbits(body).tobytes(), 1)
+    body = np.unpackbits(np.frombuffer(zlib.decompress(bodies[case]), np.uint8), count=mask.size)
+    return score_map, mask, body.reshape(mask.shape).astype(bool)
 
 
 def _per_case_csv(rows: List[Dict]) -> str:
@@ -90,7 +134,10 @@ def _per_case_csv(rows: List[Dict]) -> str:
 
 
 def _print_summary(summary: Dict) -> None:
+    region = summary['settings']['region']
     lines = [('cases (pathological / normal)', f"{summary['n_pathological']} / {summary['n_normal']}"),
+             ('region', 'body (normal voxels inside the patient)' if region == 'body' else
+              'whole image (air counts as normal)'),
              ('voxel AUROC (pooled)', f"{summary['auroc']:.3f}"),
              (f"AUROC up to FPR {summary['max_fpr']}", f"{summary['auroc_up_to_fpr']:.3f}"),
              (f"AUPRO up to FPR {summary['max_fpr']}", f"{summary['aupro_up_to_fpr']:.3f}"),
@@ -103,8 +150,14 @@ def _print_summary(summary: Dict) -> None:
 
 def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Optional[str] = None,
                           n_threshold_cases: int = 10, seed: int = 0, n_voxels: int = 1000, max_fpr: float = 0.3,
-                          n_thresholds: int = 1000, file_ending: str = '.nii.gz', verbose: bool = True) -> Dict:
+                          n_thresholds: int = 1000, file_ending: str = '.nii.gz', verbose: bool = True,
+                          images_folder: Optional[str] = None, whole_image: bool = False) -> Dict:
     """Scores every `<case>` map of pred_folder against ref_folder/<case>; writes the per-case CSV and summary.json.
+
+    Region: with images_folder (the CTs `<case>.nii.gz` or `<case>_0000.nii.gz` the maps were predicted from) and
+    not whole_image, only the patient's body (`body_mask_hu`) counts: normal voxels are drawn from body & ~mask,
+    AUPRO's false positives are body voxels, AP and Dice are over body | mask (lesion voxels outside the body still
+    count). Otherwise the whole image grid counts, air included (summary['settings']['region']).
 
     Cases with an empty reference mask are normal scans: they have no pathological voxels to sample, so they are
     left out of every metric (listed in summary.json). For the other cases:
@@ -119,18 +172,31 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
         raise ScreenerInputError(f'n_threshold_cases must be >= 1, got {n_threshold_cases}')
     output_folder = pred_folder if output_folder is None else output_folder
     cases = _case_names(pred_folder, ref_folder, file_ending)
+    use_body = images_folder is not None and not whole_image
+    image_files = _image_files(images_folder, cases, file_ending) if use_body else {}
+    if verbose and images_folder is None and not whole_image:
+        print('nnScreener_evaluate warning: no -images given, so the whole image counts and the air around the '
+              'patient is "normal" (inflates AUROC/AUPRO); the paper\'s body-only numbers need -images <CT folder>',
+              file=sys.stderr)
     rng = np.random.default_rng(seed)
+    bodies = {}
+
+    def read(case):
+        return _read_case(pred_folder, ref_folder, case, file_ending, image_files.get(case), bodies)
 
     # pass 1: geometry checks and the sampled voxels
     samples, lesion_voxels = {}, {}
     for case in cases:
-        score_map, mask = _read_case(pred_folder, ref_folder, case, file_ending)
+        score_map, mask, body = read(case)
         lesion_voxels[case] = int(mask.sum())
         if lesion_voxels[case] == mask.size:
             raise ScreenerInputError(f'case {case}: the reference mask covers the whole image, so there are no '
                                      f'normal voxels to compare with')
+        if lesion_voxels[case] and body is not None and not (body & ~mask).any():
+            raise ScreenerInputError(f'case {case}: no body voxels outside the reference mask (is '
+                                     f'{image_files[case]} its CT in HU?), so there are no normal voxels')
         if lesion_voxels[case]:
-            samples[case] = sample_voxels(score_map, mask, n_voxels, rng)
+            samples[case] = sample_voxels(score_map, mask, n_voxels, rng, outside=body)
     pathological = sorted(samples)
     normal = [c for c in cases if c not in samples]
     if len(pathological) <= n_threshold_cases:
@@ -148,8 +214,12 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
     rows, counts = {}, []
 
     def full_map_metrics(case):
-        score_map, mask = _read_case(pred_folder, ref_folder, case, file_ending)
-        counts.append(pro_counts(score_map, mask, thresholds))
+        """-> (scores, mask) of the evaluated region (flat with a body) for the Dice curves."""
+        score_map, mask, body = read(case)
+        counts.append(pro_counts(score_map, mask, thresholds, region=body))
+        if body is not None:
+            keep = body | mask
+            score_map, mask = score_map[keep], mask[keep]
         rows[case] = {'case': case, 'pathological': True, 'n_lesion_voxels': lesion_voxels[case],
                       'threshold_case': case in threshold_cases, 'auroc': float(roc_auc_score(*samples[case])),
                       'auroc_up_to_fpr': auroc_up_to_fpr(*samples[case], max_fpr=max_fpr),
@@ -182,7 +252,9 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
         'dice_mean': float(np.mean(held_out_dice)), 'dice_std': float(np.std(held_out_dice)),
         'settings': {'n_voxels_per_side': n_voxels, 'seed': seed, 'n_thresholds': n_thresholds,
                      'n_threshold_cases': n_threshold_cases, 'connectivity': 26, 'file_ending': file_ending,
-                     'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder)},
+                     'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder),
+                     'region': 'body' if use_body else 'whole_image',
+                     'images_folder': os.path.abspath(images_folder) if use_body else None},
     }
     atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
     atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
@@ -206,9 +278,15 @@ def evaluate_entry():
     parser.add_argument('--n_voxels', type=int, default=1000,
                         help='voxels sampled inside and outside the mask per image (paper: 1000)')
     parser.add_argument('--max_fpr', type=float, default=0.3, help='FPR limit of AUROC/AUPRO (paper: 0.3)')
+    parser.add_argument('-images', default=None,
+                        help='folder with the CTs (<case>.nii.gz or <case>_0000.nii.gz) the maps were predicted '
+                             'from: metrics in the patient\'s body only, as in the paper (recommended)')
+    parser.add_argument('--whole_image', action='store_true',
+                        help='count every voxel of the image grid, air around the patient included (-images unused)')
     args = parser.parse_args()
     evaluate_anomaly_maps(args.pred, args.ref, args.o, n_threshold_cases=args.n_threshold_cases, seed=args.seed,
-                          n_voxels=args.n_voxels, max_fpr=args.max_fpr)
+                          n_voxels=args.n_voxels, max_fpr=args.max_fpr, images_folder=args.images,
+                          whole_image=args.whole_image)
 
 
 def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz') -> Dict[str, float]:

@@ -108,21 +108,23 @@ def pro_thresholds(normal_scores: np.ndarray, lesion_scores: np.ndarray, max_fpr
                                      np.quantile(lesion_scores, np.linspace(0.0, 1.0, half))]))
 
 
-def pro_counts(score_map: np.ndarray, mask: np.ndarray,
-               thresholds: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
+def pro_counts(score_map: np.ndarray, mask: np.ndarray, thresholds: np.ndarray,
+               region: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, int]:
     """Per-image ingredients of the PRO curve at the given (ascending) thresholds.
 
     Returns (overlap, false_positives, n_normal): overlap[r, j] = fraction of lesion r (3D connected component,
-    26-connectivity) with score >= thresholds[j]; false_positives[j] = number of out-of-mask voxels with score >=
-    thresholds[j]; n_normal = number of out-of-mask voxels. Kept separate so a dataset can be accumulated one
-    volume at a time (see aupro_from_counts).
+    26-connectivity) with score >= thresholds[j]; false_positives[j] = number of normal voxels with score >=
+    thresholds[j]; n_normal = number of normal voxels. Normal voxels are the out-of-mask voxels, or, with `region`
+    (bool, e.g. the body), the out-of-mask voxels inside it; lesions always are the whole mask. Kept separate so a
+    dataset can be accumulated one volume at a time (see aupro_from_counts).
     """
     mask = mask.astype(bool)
     regions, n_regions = ndimage.label(mask, structure=FULL_CONNECTIVITY)
     inside = _counts_at_or_above(score_map[mask], thresholds, regions[mask] - 1, max(n_regions, 1))[:n_regions]
     sizes = np.bincount(regions[mask] - 1, minlength=n_regions)
-    false_positives = _counts_at_or_above(score_map[~mask], thresholds)[0]
-    return inside / sizes[:, None], false_positives, int((~mask).sum())
+    normal = ~mask if region is None else (~mask & region.astype(bool))
+    false_positives = _counts_at_or_above(score_map[normal], thresholds)[0]
+    return inside / sizes[:, None], false_positives, int(normal.sum())
 
 
 def aupro_from_counts(overlaps: Sequence[np.ndarray], false_positives: Sequence[np.ndarray],
@@ -130,7 +132,7 @@ def aupro_from_counts(overlaps: Sequence[np.ndarray], false_positives: Sequence[
     """Normalised area under the PRO curve up to max_fpr from pro_counts of one or more images.
 
     PRO(t) = mean overlap over all lesions of all images (every lesion counts equally, whatever its size);
-    FPR(t) = out-of-mask voxels >= t over all out-of-mask voxels of all images.
+    FPR(t) = normal voxels >= t over all normal voxels of all images (see pro_counts' `region`).
     """
     pro = np.concatenate(overlaps, axis=0).mean(axis=0)
     fpr = np.sum(false_positives, axis=0) / np.sum(n_normal)

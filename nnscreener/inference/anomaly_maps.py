@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map
-from nnscreener.planners.presets import BODY_THRESHOLD_HU
-from nnscreener.preprocessing.screener_cache import body_bbox, screener_clahe
+from nnscreener.preprocessing.body import body_mask_hu
+from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
 from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_path, atomic_save_json
@@ -47,23 +47,23 @@ class PatchAnomalyModel(Protocol):
 
 
 def preprocess_for_screener(image_file: str, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                            dataset_json: dict) -> Tuple[np.ndarray, np.ndarray, dict]:
-    """Reads and checks one CT, then `preprocess_ct_image`: -> (stock, clahe, properties)."""
+                            dataset_json: dict) -> Tuple[np.ndarray, ScreenerView, dict]:
+    """Reads and checks one CT, then `preprocess_ct_image`: -> (stock, Screener view, properties)."""
     image = read_ct_image(image_file)
     check_ct_image(image, image_file)  # no patch check: small images are zero-padded by the sliding window
     return preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json)
 
 
 def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                        dataset_json: dict, with_clahe: bool = True) -> Tuple[np.ndarray, np.ndarray, dict]:
-    """Stock nnU-Net preprocessing of the whole CT (crop to nonzero, resample, CTNormalization) and CLAHE of the
-    result -> (stock (z, y, x) float32, clahe (z, y, x) float32, nnU-Net's properties).
+                        dataset_json: dict, with_clahe: bool = True) -> Tuple[np.ndarray, ScreenerView, dict]:
+    """Stock nnU-Net preprocessing of the whole CT (crop to nonzero, resample, CTNormalization), then the body and
+    its CLAHE exactly as in the Screener cache -> (stock (z, y, x) float32, ScreenerView, nnU-Net's properties).
 
     This is `DefaultPreprocessor.run_case` minus the file read: the image is already in memory (it was validated),
     and its array is taken in SimpleITK's order exactly as nnU-Net's SimpleITKIO does, so the map can be written
-    back with the image's own geometry. No body crop: the map must cover the whole input. `with_clahe=False` returns
-    the stock volume in place of its CLAHE, for models that never read it (the distilled UNet): CLAHE of a whole CT
-    costs seconds.
+    back with the image's own geometry. The stock volume is not cropped: the map must cover the whole input.
+    `with_clahe=False` skips CLAHE (the view's `clahe` is None) for models that never read it (the distilled UNet):
+    CLAHE of a whole CT costs seconds.
     """
     if plans_manager.image_reader_writer_class is not SimpleITKIO:
         raise ScreenerInputError(f'the plans use {plans_manager.plans["image_reader_writer"]}, but Screener inference '
@@ -75,7 +75,8 @@ def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configur
     data, _, properties = preprocessor.run_case_npy(sitk.GetArrayViewFromImage(image)[None], None, properties,
                                                     plans_manager, configuration_manager, dataset_json)
     stock = data[0].astype(np.float32, copy=False)
-    return stock, screener_clahe(stock, configuration_manager.patch_size) if with_clahe else stock, properties
+    view = screener_view(stock, configuration_manager, clahe_clip_limit(plans_manager.plans['screener']), with_clahe)
+    return stock, view, properties
 
 
 def map_to_input_geometry(anomaly_map: np.ndarray, properties: dict, plans_manager: PlansManager,
@@ -109,11 +110,6 @@ def write_anomaly_map(anomaly_map: np.ndarray, reference_image_file: str, output
     image.SetDirection(reference.GetDirection())
     with atomic_path(output_file) as tmp:
         sitk.WriteImage(image, tmp, True)
-
-
-def body_mask(ct_hu: np.ndarray) -> np.ndarray:
-    """The paper's "dense foreground": voxels above -500 HU."""
-    return ct_hu > BODY_THRESHOLD_HU
 
 
 def scan_score(map_raw: np.ndarray, body: Optional[np.ndarray] = None,
@@ -160,24 +156,28 @@ def case_name(image_file: str) -> str:
     return name[:-len(NNUNET_CHANNEL_SUFFIX)] if name.endswith(NNUNET_CHANNEL_SUFFIX) else name
 
 
-def body_anomaly_map(stock: np.ndarray, clahe: np.ndarray, model: PatchAnomalyModel, step_size: float = 0.5,
+def body_anomaly_map(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyModel, step_size: float = 0.5,
                      batch_size: int = 4) -> np.ndarray:
-    """Sliding-window map of the body region only (the same > -500 HU box, at least one patch large, that the
-    Screener cache trained on; the paper crops every CT to it). Outside, the models never saw data: air far from the
-    body gives out-of-distribution features and huge NLLs, so the map there is the body map's minimum."""
-    box = tuple(slice(lo, hi) for lo, hi in body_bbox(stock, model.patch_size))
-    body_map = sliding_window_anomaly_map(stock[box], clahe[box], model, step_size, batch_size)
-    anomaly_map = np.full(stock.shape, body_map.min(), dtype=np.float32)
-    anomaly_map[box] = body_map
+    """Sliding-window map of the body only: the windows run over the body box the Screener cache trained on (the
+    paper crops every CT to the body), and every voxel outside the body mask gets the body's minimum ("least
+    anomalous"): the models never saw the table or the room, whose features are out of distribution."""
+    box = view.slicer
+    clahe = view.clahe if view.clahe is not None else stock[box]
+    box_map = sliding_window_anomaly_map(stock[box], clahe, model, step_size, batch_size)
+    floor = box_map[view.body].min() if view.body.any() else box_map.min()
+    anomaly_map = np.full(stock.shape, floor, dtype=np.float32)
+    anomaly_map[box] = np.where(view.body, box_map, floor)
     return anomaly_map
 
 
 def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], output_folder: str,
                          model: PatchAnomalyModel, plans_manager: PlansManager,
                          configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
-                         batch_size: int = 4, overlays: int = 0, continue_: bool = False) -> List[dict]:
+                         batch_size: int = 4, overlays: int = 0, continue_: bool = False,
+                         model_name: Optional[str] = None, reference_folder: Optional[str] = None) -> List[dict]:
     """Anomaly map `<case>.nii.gz` for every CT, plus `scores.csv` / `scores.json` and, for the `overlays`
-    highest-scoring scans, `overlays/<case>.png`. Returns the score records.
+    highest-scoring scans, `overlays/<case>.png`. Returns the score records. The overlays are titled
+    '<case> - <model_name>' and show the contour of `reference_folder/<case>.nii.gz` where that mask exists.
 
     Fails fast: the first unreadable or invalid CT stops the run with one line naming the file. Maps already written
     stay; `continue_` skips cases whose map exists with the CT's size (their scores are recomputed from it).
@@ -196,18 +196,22 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
         check_ct_image(image, image_file)
         map_raw = _existing_map(outputs[case], image) if continue_ else None
         if map_raw is None:
-            stock, clahe, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
-                                                           with_clahe=getattr(model, 'uses_clahe', True))
-            anomaly_map = body_anomaly_map(stock, clahe, model, step_size, batch_size)
+            stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
+                                                          with_clahe=getattr(model, 'uses_clahe', True))
+            anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
             map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
             write_anomaly_map(map_raw, image_file, outputs[case])
-        records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask(sitk.GetArrayViewFromImage(image))),
+        body = body_mask_hu(sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1])
+        records.append({'case': case, 'scan_score': scan_score(map_raw, body),
                         'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
                         'image': abspath(image_file), 'anomaly_map': abspath(outputs[case])})
     save_scores(records, output_folder)
     for record in sorted(records, key=lambda r: -r['scan_score'])[:overlays]:
         out_png = join(output_folder, 'overlays', record['case'] + '.png')
-        save_case_overlay(record['image'], record['anomaly_map'], out_png)
+        mask_file = join(reference_folder, record['case'] + '.nii.gz') if reference_folder else None
+        save_case_overlay(record['image'], record['anomaly_map'], out_png,
+                          mask_file=mask_file if mask_file and isfile(mask_file) else None,
+                          title=record['case'] + (f' - {model_name}' if model_name else ''))
     return records
 
 
@@ -232,9 +236,19 @@ def save_scores(records: List[dict], output_folder: str) -> None:
 
 
 def save_case_overlay(image_file: str, anomaly_map_file: str, out_png: str, n_slices: int = 3,
-                      mask_file: Optional[str] = None) -> None:
-    """Overlay PNG of a CT and its map, both reoriented to LPS so slices show in the radiological convention."""
+                      mask_file: Optional[str] = None, title: Optional[str] = None) -> None:
+    """Overlay PNG (save_overlay_png) of a CT, its map and optionally its reference mask, all reoriented to LPS so
+    slices show in the radiological convention. title defaults to the case name. The map and the mask must be on
+    the CT's grid."""
     images = [sitk.DICOMOrient(read_ct_image(f), 'LPS') if f else None for f in (image_file, anomaly_map_file,
                                                                                    mask_file)]
+    for image, fname in zip(images[1:], (anomaly_map_file, mask_file)):
+        if image is not None and (image.GetSize() != images[0].GetSize() or not np.allclose(
+                image.GetSpacing(), images[0].GetSpacing(), atol=1e-3) or not np.allclose(
+                image.GetOrigin(), images[0].GetOrigin(), atol=1e-2)):
+            raise ScreenerInputError(f'{fname} (size {image.GetSize()}, spacing {image.GetSpacing()}) is not on the '
+                                     f'grid of its CT {image_file} (size {images[0].GetSize()}, spacing '
+                                     f'{images[0].GetSpacing()})')
     ct, anomaly_map, mask = (sitk.GetArrayFromImage(i) if i else None for i in images)
-    save_overlay_png(ct, anomaly_map, images[0].GetSpacing()[::-1], out_png, n_slices, mask)
+    save_overlay_png(ct, anomaly_map, images[0].GetSpacing()[::-1], out_png, n_slices, mask,
+                     title=case_name(image_file) if title is None else title)

@@ -1,5 +1,5 @@
 """`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener (or the
-autoencoder baseline of the quality benchmark)."""
+autoencoder and local-contrast baselines of the quality benchmark)."""
 import argparse
 import os
 from os.path import isfile, join
@@ -12,18 +12,20 @@ from torch import nn
 
 from nnscreener.baselines.autoencoder import build_autoencoder, reconstruction_error_map
 from nnscreener.inference.anomaly_maps import predict_anomaly_maps
-from nnscreener.planners.screener_planner import CONFIGURATION
+from nnscreener.baselines.local_contrast import LocalContrastPatchModel
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
 from nnscreener.training.stages import modular_screener, stage_checkpoint, stage_folder
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.paths import dataset_name, require_env
+from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
 AUTOENCODER_TRAINER = 'nnScreenerAutoencoderTrainer'
 # model kind -> (stage, trainer) whose result folder holds the plans.json / dataset.json it was trained with
 MODEL_FOLDERS = {'modular': ('density', None), 'distilled': ('distillation', None),
                  'autoencoder': ('density', AUTOENCODER_TRAINER)}
-MODEL_KINDS = tuple(MODEL_FOLDERS)
+LOCAL_CONTRAST = 'local_contrast'  # training-free baseline: the dataset's preprocessed plans are all it needs
+MODEL_KINDS = tuple(MODEL_FOLDERS) + (LOCAL_CONTRAST,)
 
 
 class ModularPatchModel:
@@ -66,6 +68,8 @@ def load_patch_model(name: str, kind: str, device: torch.device,
     picks a density-stage variant for the modular model."""
     if kind not in MODEL_KINDS:
         raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
+    if kind == LOCAL_CONTRAST:
+        return _local_contrast_model(name)
     stage, trainer = MODEL_FOLDERS[kind]
     folder = os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else trainer))
     if not isfile(join(folder, 'plans.json')):
@@ -80,6 +84,16 @@ def load_patch_model(name: str, kind: str, device: torch.device,
         raise ScreenerInputError(f'a {kind} checkpoint of {name} does not fit its plans ({str(e).splitlines()[0]}); '
                                  f're-run nnScreener_pretrain with these plans')
     return model, plans_manager, load_json(join(folder, 'dataset.json'))
+
+
+def _local_contrast_model(name: str) -> Tuple[object, PlansManager, dict]:
+    require_env('nnUNet_preprocessed')
+    plans_file = join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+    if not isfile(plans_file):
+        raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
+    plans_manager = PlansManager(load_json(plans_file))
+    model = LocalContrastPatchModel(plans_manager.get_configuration(CONFIGURATION).patch_size)
+    return model, plans_manager, load_json(join(preprocessed_dataset_folder(name), 'dataset.json'))
 
 
 def _build_patch_model(name: str, kind: str, screener: dict, configuration_manager: ConfigurationManager,
@@ -102,13 +116,17 @@ def _build_patch_model(name: str, kind: str, screener: dict, configuration_manag
 
 def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',
             step_size: float = 0.5, batch_size: int = 4, overlays: int = 0, continue_: bool = False,
-            density_trainer: str = None):
+            density_trainer: str = None, reference_folder: str = None):
+    """reference_folder: `<case>.nii.gz` masks whose contours the overlays show (cases without one: no contour)."""
+    if reference_folder is not None and not os.path.isdir(reference_folder):
+        raise ScreenerInputError(f'reference mask folder {reference_folder} does not exist')
     require_env('nnUNet_results')
     name = dataset_name(dataset)
     patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device), density_trainer)
+    model_name = model if model != 'modular' or density_trainer is None else f'{model} ({density_trainer})'
     return predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
                                 plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size, batch_size,
-                                overlays, continue_)
+                                overlays, continue_, model_name=model_name, reference_folder=reference_folder)
 
 
 @exit_on_input_error
@@ -123,6 +141,8 @@ def predict_entry():
     parser.add_argument('--step_size', type=float, default=0.5, help='sliding-window step, fraction of the patch')
     parser.add_argument('--batch_size', type=int, default=4, help='patches per forward pass')
     parser.add_argument('--overlays', type=int, default=0, help='PNG overlays for the N highest-scoring scans')
+    parser.add_argument('--ref', default=None,
+                        help='folder of <case>.nii.gz reference masks: the overlays show their contours')
     parser.add_argument('--c', action='store_true', help='continue: keep maps that already exist')
     parser.add_argument('--density_trainer', default=None,
                         help='modular model: a density-stage variant trained with nnScreener_pretrain --density_trainer')
@@ -131,5 +151,5 @@ def predict_entry():
         raise ScreenerInputError('no CUDA device available: pass -device cpu')
     inputs = args.i[0] if len(args.i) == 1 else args.i
     records = predict(inputs, args.o, args.d, args.model, args.device, args.step_size, args.batch_size,
-                      args.overlays, args.c, args.density_trainer)
+                      args.overlays, args.c, args.density_trainer, args.ref)
     print(f'{len(records)} anomaly maps in {args.o} (scores.csv)')

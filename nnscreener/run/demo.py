@@ -66,7 +66,8 @@ def _step(text: str) -> None:
 def _maps_and_metrics(raw: str, folder: str, kind: str, device: str) -> dict:
     out = join(folder, f'anomaly_maps_{kind}')
     predict(join(raw, 'imagesTr'), out, TARGET, kind, device, overlays=2, continue_=True)
-    return evaluate_anomaly_maps(out, join(raw, 'labelsTr'), join(out, 'evaluation'), n_threshold_cases=4)
+    return evaluate_anomaly_maps(out, join(raw, 'labelsTr'), join(out, 'evaluation'), n_threshold_cases=4,
+                                 images_folder=join(raw, 'imagesTr'))
 
 
 @exit_on_input_error
