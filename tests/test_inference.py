@@ -425,3 +425,23 @@ def test_case_overlay_of_a_real_scan_with_its_mask(tmp_path):
     save_case_overlay(image_file, str(tmp_path / 'map.nii.gz'), str(tmp_path / 'sts.png'),
                       mask_file=str(REAL_CT / 'STS_002_gtv.nii.gz'))
     assert os.path.getsize(tmp_path / 'sts.png') > 10_000
+
+
+def test_local_contrast_baseline_through_predict_lights_the_lesion_edge_not_the_flat_body(plans, tmp_path,
+                                                                                          monkeypatch):
+    """`nnScreener_predict --model local_contrast` needs only the dataset's plans; |HU - local median| is high at the
+    bright sphere's edge and zero in flat tissue (so any learned model must beat it on lesions with soft edges)."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+    from nnscreener.inference.predict import predict
+    _, _, _, raw = plans
+    root = raw.parent.parent
+    for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(name, str(root / name))
+    out = tmp_path / 'local_contrast'
+    predict(str(raw / 'imagesTr' / 'case0_0000.nii.gz'), str(out), 501, 'local_contrast', 'cpu')
+    anomaly_map = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'case0.nii.gz')))
+    hu, sphere = synthetic_ct(shift=0)
+    sphere = sphere > 0
+    flat = binary_erosion(hu > -500, iterations=4) & ~binary_dilation(sphere, iterations=4) & (np.arange(80) > 16)
+    edge = binary_dilation(sphere, iterations=1) & ~binary_erosion(sphere, iterations=1)
+    assert np.median(anomaly_map[edge]) > 5 * np.median(anomaly_map[flat]) + 1e-3

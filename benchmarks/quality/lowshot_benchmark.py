@@ -19,7 +19,7 @@ from nnscreener.finetuning.nnunet_train import nnunet_train
 from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME
 from nnscreener.training.stages import stage_checkpoint
 from nnscreener.utilities.io import atomic_save_json
-from world import TARGET, TARGET_NAME, machine, timed, use_seed_results, use_work_folder
+from world import TARGET, TARGET_NAME, machine, timed, use_results, use_work_folder
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
     use_work_folder(args.work)
     if not os.path.isdir(join(os.environ['nnUNet_preprocessed'], TARGET_NAME)):
         raise SystemExit(f'no phantom world in {args.work}: run phantom_benchmark.py --work {args.work} first')
-    use_seed_results(args.work, args.pretrain_seed)
+    use_results(args.work, f"seed{args.pretrain_seed}")
     write_lowshot_splits(TARGET, args.n_train, args.folds, seed=0, overwrite=True)
     distilled = stage_checkpoint(TARGET_NAME, 'distillation')
     for fold in range(args.folds):

@@ -23,7 +23,7 @@ from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
 from nnscreener.run.pretrain import pretrain
 from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
-from world import TARGET, fmt, machine, make_world, mean_sd, timed, use_seed_results
+from world import TARGET, fmt, machine, make_world, mean_sd, timed, use_results
 
 # method -> (predict model kind, density-stage trainer); the first four are the paper's ablations of Table 3
 METHODS = {
@@ -107,14 +107,17 @@ def evaluate_method(maps: str, raw: str, types: dict) -> dict:
     return results
 
 
-def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods) -> dict:
-    use_seed_results(work, seed)
+def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods, tag: str = None) -> dict:
+    """Trains and scores `methods` with training seed `seed`; `tag` (default seed<seed>) names the results and maps
+    folders of this run."""
+    tag = tag or f'seed{seed}'
+    use_results(work, tag)
     timings = {}
     train_methods(seed, device, timings, methods)
     result = {'timings_s': timings, 'methods': {}}
     for method in methods:
         kind, trainer = METHODS[method]
-        maps = join(work, 'maps', f'seed{seed}', slug(method))
+        maps = join(work, 'maps', tag, slug(method))
         with timed(timings, f'predict {method}'):
             predict(join(raw, 'imagesTr'), maps, TARGET, kind, device if kind != 'local_contrast' else 'cpu',
                     batch_size=PREDICT_BATCH,
@@ -123,8 +126,9 @@ def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods) 
         with timed(timings, f'evaluate {method}'):
             result['methods'][method] = evaluate_method(maps, raw, types)
     if SCREENER in methods and DISTILLED in methods:
-        result['distilled_vs_modular'] = map_agreement(join(work, 'maps', f'seed{seed}', slug(SCREENER)),
-                                                       join(work, 'maps', f'seed{seed}', slug(DISTILLED)))
+        result['distilled_vs_modular'] = map_agreement(join(work, 'maps', tag, slug(SCREENER)),
+                                                       join(work, 'maps', tag, slug(DISTILLED)),
+                                                       images_folder=join(raw, 'imagesTr'))
     return result
 
 

@@ -357,10 +357,30 @@ def run_benchmark(args) -> dict:
               'total_wall_s': round(time.perf_counter() - start, 1)}
     report = json_ready(report)
     atomic_save_json(report, join(out, 'realct_results.json'))
+    if args.results_json:
+        atomic_save_json(issue_summary(report), args.results_json)
     text = markdown_report(report)
     atomic_save_text(text, join(out, 'realct_results.md'))
     print('\n' + text + f'\nwritten to {out}/realct_results.json and .md')
     return report
+
+
+# the previous session's body-only numbers (2026-11-23, tiny_long, body = voxels > -500 HU, whole-image CLAHE box)
+BEFORE = {'realct_modular': {'STS_001': (0.44, 42), 'STS_002': (0.57, 56), 'STS_003': (0.67, 69)},
+          'realct_distilled': {'STS_001': (0.43, 43), 'STS_002': (0.58, 59), 'STS_003': (0.65, 68)}}
+
+
+def issue_summary(report: dict) -> dict:
+    """benchmarks/results/realct_quality.json: per model and scan, body AUROC and the tumour median percentile."""
+    models = {f"{r['model']}_{r['kind']}": {scan: {'body_auroc': v['auroc_body'],
+                                                   'tumour_median_percentile': v['tumour_median_percentile']}
+                                            for scan, v in r['per_scan'].items()} for r in report['results']}
+    before = {m: {scan: {'body_auroc': a, 'tumour_median_percentile': p} for scan, (a, p) in scans.items()}
+              for m, scans in BEFORE.items()}
+    return {'preset': report['preset'], 'seed': report['seed'], 'command': report['command'],
+            'machine': {'device': report['device']['summary'], 'torch': torch.__version__,
+                        'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'command': report['command']},
+            'models': models, 'before': before}
 
 
 def save_overlays(scans: list, labeled: dict, masks: dict, maps: str, folder: str) -> str:
@@ -379,7 +399,10 @@ def main():
     parser.add_argument('--work', default='realct_bench', help='working folder (nnUNet_raw/_preprocessed/_results)')
     parser.add_argument('--out', default=None, help='results folder (default <work>/results)')
     parser.add_argument('--realct', default=DEFAULT_REALCT, help='the real scans (default ../shared/realct)')
-    parser.add_argument('--preset', default='tiny_long', choices=sorted(PRESETS))
+    parser.add_argument('--preset', default='tiny_long', help=f'a preset ({", ".join(sorted(PRESETS))}), '
+                                                                  f'optionally with :steps=N')
+    parser.add_argument('--results_json', default=None, help='also write the per-scan summary here '
+                                                             '(e.g. benchmarks/results/realct_quality.json)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('--seed', type=int, default=0, help='training seed of every pretraining stage')

@@ -24,9 +24,9 @@ def use_work_folder(work: str) -> None:
     os.environ.setdefault('nnUNet_compile', 'false')
 
 
-def use_seed_results(work: str, seed: int) -> str:
-    """Each training seed gets its own nnUNet_results, because stage folders are named by trainer only."""
-    os.environ['nnUNet_results'] = os.path.abspath(join(work, f'nnUNet_results_seed{seed}'))
+def use_results(work: str, tag: str) -> str:
+    """Each training run (seed, budget) gets its own nnUNet_results, because stage folders are named by trainer only."""
+    os.environ['nnUNet_results'] = os.path.abspath(join(work, f'nnUNet_results_{tag}'))
     os.makedirs(os.environ['nnUNet_results'], exist_ok=True)
     return os.environ['nnUNet_results']
 

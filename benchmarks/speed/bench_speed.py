@@ -51,7 +51,8 @@ def make_world(root: str, preset: str) -> None:
         os.makedirs(os.environ[k], exist_ok=True)
     from nnscreener.phantoms.make_phantoms import make_phantom_datasets
     from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
-    make_phantom_datasets(501, None, num_labeled=4, preset=preset, seed=0, num_processes=2)
+    phantoms = 'default' if preset == 'default' else 'tiny'  # CPU presets plan tiny phantoms (the benchmarks' world)
+    make_phantom_datasets(501, None, num_labeled=4, preset=phantoms, seed=0, num_processes=2)
     plan_and_preprocess(501, preset=preset, num_processes=2)
 
 
@@ -114,15 +115,14 @@ def synthetic_ct(path: str, shape_zyx) -> None:
 
 
 def bench_inference(kind: str, ct_file: str, out: str, device) -> dict:
-    from nnscreener.inference.anomaly_maps import preprocess_for_screener
+    from nnscreener.inference.anomaly_maps import body_anomaly_map, preprocess_for_screener
     from nnscreener.inference.predict import load_patch_model, predict
-    from nnscreener.inference.sliding_window import sliding_window_anomaly_map
     model, plans_manager, dataset_json = load_patch_model('Dataset501_ScreenerPhantomLesions', kind, device)
     config = plans_manager.get_configuration('3d_fullres')
-    stock, clahe, _ = preprocess_for_screener(ct_file, plans_manager, config, dataset_json)
+    stock, view, _ = preprocess_for_screener(ct_file, plans_manager, config, dataset_json)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    networks = timed(lambda: sliding_window_anomaly_map(stock, clahe, model), 3, warmup=1, device=device)
+    networks = timed(lambda: body_anomaly_map(stock, view, model), 3, warmup=1, device=device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan')
     end_to_end = timed(lambda: predict(ct_file, out, 501, kind, device.type), 1, warmup=1, device=device)
     return {f'{kind}_networks_s': networks, f'{kind}_end_to_end_s': end_to_end, f'{kind}_peak_gpu_gib': peak,

@@ -289,15 +289,23 @@ def evaluate_entry():
                           whole_image=args.whole_image)
 
 
-def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz') -> Dict[str, float]:
-    """Pearson r between two sets of anomaly maps of the same cases (e.g. distilled vs modular), pooled over all
-    voxels, and the mean of the per-case r."""
+def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz',
+                  images_folder: Optional[str] = None) -> Dict[str, float]:
+    """Pearson r between two sets of anomaly maps of the same cases (e.g. distilled vs modular), pooled over the
+    voxels and the mean of the per-case r; with images_folder over the body voxels only (outside it both maps hold
+    their body minimum, which would inflate r)."""
     from scipy.stats import pearsonr
     cases = _case_names(folder_a, folder_b, file_ending)
-    maps = [[sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, c + file_ending))).ravel() for f in (folder_a,
-                                                                                                      folder_b)]
-            for c in cases]
+    images = _image_files(images_folder, cases, file_ending) if images_folder else {}
+    maps = []
+    for case in cases:
+        pair = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case + file_ending))) for f in (folder_a, folder_b)]
+        if case in images:
+            ct = sitk.ReadImage(images[case])
+            body = body_mask_hu(sitk.GetArrayFromImage(ct), ct.GetSpacing()[::-1])
+            pair = [m[body] for m in pair]
+        maps.append([m.ravel() for m in pair])
     per_case = [pearsonr(a, b)[0] for a, b in maps]
     pooled = pearsonr(np.concatenate([a for a, _ in maps]), np.concatenate([b for _, b in maps]))[0]
     return {'pearson_r_pooled': float(pooled), 'pearson_r_mean_per_case': float(np.mean(per_case)),
-            'n_cases': len(cases)}
+            'n_cases': len(cases), 'region': 'body' if images else 'whole_image'}

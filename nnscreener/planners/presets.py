@@ -105,8 +105,41 @@ def _longer(preset: dict, steps: int, warmup: int, checkpoint_every: int) -> dic
 PRESETS['tiny_long'] = _longer(PRESETS['tiny'], steps=600, warmup=20, checkpoint_every=100)
 
 
+def _cpu_preset() -> dict:
+    """Between tiny and default: twice tiny's patch on every axis (48 x 72 x 72 mm of context for the conditions),
+    twice its widths and feature dimensions; step counts chosen by the measured sweep in benchmarks/quality."""
+    preset = deepcopy(PRESETS['tiny'])
+    preset.update(patch_size=(32, 48, 48), base_num_features=8, max_num_features=64, descriptor_dim=16,
+                  condition_dim=16, checkpoint_every=100)
+    preset['ssl'].update(positive_pairs=1024, expander_dims=(128, 128), mask_block_size=(8, 12, 12))
+    for stage in ('ssl', 'density', 'distillation'):
+        preset[stage].update(num_steps=CPU_PRESET_STEPS, warmup_steps=20)
+    return preset
+
+
+CPU_PRESET_STEPS = 1200
+PRESETS['cpu'] = _cpu_preset()
+
+
+# "<preset>:steps=N,clahe=X": a preset with every stage trained N steps and/or another CLAHE clip limit, for the
+# quality-vs-compute and CLAHE measurements (benchmarks/quality); the plans record the full name
+PRESET_OVERRIDES = {'steps': int, 'clahe': float}
+
+
 def get_preset(name: str) -> dict:
-    if name not in PRESETS:
-        from nnscreener.utilities.errors import ScreenerInputError
-        raise ScreenerInputError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
-    return deepcopy(PRESETS[name])
+    from nnscreener.utilities.errors import ScreenerInputError
+    base, _, overrides = name.partition(':')
+    if base not in PRESETS:
+        raise ScreenerInputError(f"unknown preset '{base}'; choose one of {sorted(PRESETS)}")
+    preset = deepcopy(PRESETS[base])
+    for item in filter(None, overrides.split(',')):
+        key, _, value = item.partition('=')
+        try:
+            value = PRESET_OVERRIDES[key](value)
+        except (KeyError, ValueError):
+            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int> or clahe=<float>")
+        if key == 'steps':
+            preset = _longer(preset, value, min(value // 10, preset['ssl']['warmup_steps']), max(10, value // 10))
+        else:
+            preset['clahe_clip_limit'] = value
+    return preset

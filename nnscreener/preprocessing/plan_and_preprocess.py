@@ -24,6 +24,7 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     Pretraining datasets (labeled or image-only) are preprocessed with the target's plans into the Screener cache.
     """
     require_env('nnUNet_raw', 'nnUNet_preprocessed')
+    get_preset(preset)  # an unknown preset or override is a one-line error before any work
     target = dataset_name(dataset_id)
     patch = None if allow_small_images else get_preset(preset)['patch_size']
     if not isdir(join(raw_dataset_folder(target), 'labelsTr')):
@@ -79,8 +80,9 @@ def plan_and_preprocess_entry():
     parser.add_argument('-d', type=str, required=True, help='target dataset id or name (labeled, for fine-tuning)')
     parser.add_argument('-pretrain_d', type=str, nargs='*', default=[],
                         help='additional pretraining datasets (ids or names), may be image-only (no labelsTr)')
-    parser.add_argument('--preset', default='default', choices=sorted(PRESETS),
-                        help='default (paper scale) or tiny (CPU tests)')
+    parser.add_argument('--preset', default='default',
+                        help=f'{", ".join(sorted(PRESETS))} (default: paper scale; cpu: CPU scale; tiny: tests), '
+                             f'optionally with overrides, e.g. tiny:steps=900,clahe=0.01')
     parser.add_argument('-np', type=int, default=default_num_processes, help='number of processes')
     parser.add_argument('--allow_small_images', action='store_true',
                         help='zero-pad images smaller than the patch (nnU-Net behaviour) instead of refusing them')

@@ -101,9 +101,10 @@ def build_screener_cache(cache_folder: str, sources: Dict[str, Dict[str, dict]],
         for case, files in cases.items():
             jobs.append((f'{source}/{case}', role, files['images'], join(cache_folder, source, case + '.npy'),
                          plans_manager, configuration_manager, dataset_json, skip_existing))
-    clip_limit = clahe_clip_limit(plans_manager.plans['screener'])
+    made_with = {'clahe_clip_limit': clahe_clip_limit(plans_manager.plans['screener']),
+                 'patch_size': [int(p) for p in configuration_manager.patch_size]}  # CLAHE, and the body box's size
     old_index = _load_index(cache_folder)
-    if old_index.get('clahe_clip_limit', LEGACY_CLAHE_CLIP_LIMIT) != clip_limit:  # a cache of other CLAHE: redo all
+    if any(old_index.get(k) != v for k, v in made_with.items()):  # a cache made otherwise: redo every case
         jobs = [job[:-1] + (False,) for job in jobs]
     old = {e['key']: e for e in old_index.get('cases', [])}
     with multiprocessing.get_context('spawn').Pool(num_processes) as pool:
@@ -111,7 +112,7 @@ def build_screener_cache(cache_folder: str, sources: Dict[str, Dict[str, dict]],
     for e in entries:  # resumed cases keep the bbox recorded when they were written
         if e['bbox'] is None:
             e['bbox'] = old.get(e['key'], {}).get('bbox')
-    atomic_save_json({'clahe_clip_limit': clip_limit, 'channels': ['stock', 'clahe', 'body'], 'cases': entries},
+    atomic_save_json({**made_with, 'channels': ['stock', 'clahe', 'body'], 'cases': entries},
                      join(cache_folder, INDEX_FILE))
     return entries
 

@@ -111,8 +111,9 @@ def pretrain_entry():
                                                  'distillation, written to nnUNet_results like nnU-Net trainings.')
     parser.add_argument('-d', required=True, help='dataset id or name (planned with nnScreener_plan_and_preprocess)')
     parser.add_argument('--stages', nargs='+', default=list(STAGE_TRAINERS), choices=list(STAGE_TRAINERS))
-    parser.add_argument('--preset', default=None, choices=sorted(PRESETS),
-                        help='assert the preset the plans were made with')
+    parser.add_argument('--preset', default=None,
+                        help=f'assert the preset the plans were made with ({", ".join(sorted(PRESETS))}, with overrides '
+                             f'as planned)')
     parser.add_argument('--c', action='store_true', help='continue: skip finished stages, resume the current one')
     parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('-num_gpus', type=int, default=1, help='DDP processes (gloo on CPU, NCCL on CUDA)')

@@ -24,7 +24,7 @@ class DistillationObjective(nn.Module):
     """MSE between the student's output and the teacher's map over the body, both in standardised units.
 
     NLL maps have an arbitrary offset and scale: the target is standardised with the mean and sd of the teacher's
-    maps over the body voxels of CALIBRATION_CROPS pretraining crops (`calibrate`, before the first step; buffers,
+    maps over the body voxels of CALIBRATION_CROPS pretraining crops (`calibrate`, when the trainer initialises; buffers,
     so distilled inference maps back to the NLL scale), then regressed with plain MSE as in the paper, without a
     clamp, so the most anomalous voxels keep their order. Outside the body the map is the body minimum at inference
     whatever the student says there, so those voxels are not regressed.
@@ -76,12 +76,9 @@ class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
                                    self.device)
         return DistillationObjective(build_plans_unet(self.configuration_manager, 1), teacher)
 
-    def run_training(self):
-        if not self.was_initialized:
-            self.initialize()
-        if self.objective.target_sd == 0:  # a fresh run (a resumed one restored the buffers)
-            self._calibrate_target()
-        super().run_training()
+    def initialize(self):
+        super().initialize()
+        self._calibrate_target()  # a resumed run then restores the buffers of its checkpoint instead
 
     def _calibrate_target(self) -> None:
         batch_size = self.per_rank_batch_size(self.hparams['batch_size'])

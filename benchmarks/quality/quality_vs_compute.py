@@ -1,0 +1,91 @@
+"""Map quality against training compute: the Screener (modular and distilled) trained at several step budgets of the
+`tiny` and `cpu` presets on the phantom benchmark's world, scored body-only on its test set.
+
+    python benchmarks/quality/quality_vs_compute.py --work /tmp/qvc --device cpu \
+        --budgets tiny:steps=100 tiny:steps=300 tiny:steps=900 tiny:steps=2700 cpu:steps=300 cpu:steps=600 cpu:steps=1200
+
+A budget is a preset with every stage trained N steps (`nnscreener.planners.presets.get_preset`); its compute is the
+measured wall time of the four pretraining stages on this machine. One world (the phantom benchmark's phantoms,
+seed 0) serves every budget; each budget has its own nnUNet_results and maps. A finished budget is kept on re-runs,
+with the times of the run that trained it. Writes quality_vs_compute.json and .png to --out.
+"""
+import argparse
+import re
+from os.path import isfile, join
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from matplotlib.figure import Figure
+
+from nnscreener.evaluation.evaluate import json_ready
+from nnscreener.utilities.io import atomic_path, atomic_save_json
+from phantom_benchmark import ALL_LESIONS, DISTILLED, METRICS, SCREENER, run_seed, slug, type_references
+from world import machine, make_world
+
+PRETRAIN_TIMING = 'pretrain: descriptor, condition, density, distillation'
+CURVE_METRICS = ('auroc', 'auroc_up_to_fpr', 'aupro_up_to_fpr', 'average_precision_mean', 'dice_mean')
+
+
+def run_budget(budget: str, work: str, n_pretrain: int, n_test: int, device: str, seed: int) -> dict:
+    done = join(work, f'budget_{slug(budget)}.json')
+    if isfile(done):
+        return load_json(done)
+    raw = make_world(work, budget, n_pretrain, n_test)
+    result = run_seed(seed, work, raw, type_references(raw, work), device, [SCREENER, DISTILLED],
+                      tag=f'{slug(budget)}_seed{seed}')
+    record = {'budget': budget, 'seed': seed, 'pretrain_minutes': result['timings_s'][PRETRAIN_TIMING] / 60,
+              'distilled_vs_modular': result['distilled_vs_modular'],
+              **{key: {m: result['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
+                 for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
+    atomic_save_json(json_ready(record), done)
+    return record
+
+
+def curve_name(budget: str) -> str:
+    """The budget without its step count: budgets of one curve differ in steps only (tiny, cpu, tiny:clahe=0.01)."""
+    return re.sub(r'steps=\d+,?', '', budget).rstrip(':,')
+
+
+def plot(records: list, out_png: str) -> None:
+    figure = Figure(figsize=(11, 4))
+    for ax, metric in zip(figure.subplots(1, 3), ('auroc', 'auroc_up_to_fpr', 'dice_mean')):
+        for preset in dict.fromkeys(curve_name(r['budget']) for r in records):
+            rows = sorted((r for r in records if curve_name(r['budget']) == preset),
+                          key=lambda r: r['pretrain_minutes'])
+            minutes = [r['pretrain_minutes'] for r in rows]
+            for key, style in (('screener', '-o'), ('screener_distilled', '--s')):
+                ax.plot(minutes, [r[key][metric] for r in rows], style, label=f'{preset} {key.replace("_", " ")}')
+        ax.set_xscale('log')
+        ax.set_xlabel('pretraining wall time, minutes (2 CPU cores)')
+        ax.set_title(f'{METRICS[metric][0]} (body)')
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=110, format='png')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--work', required=True)
+    parser.add_argument('--budgets', nargs='+', required=True, help='presets with step counts, e.g. tiny:steps=300')
+    parser.add_argument('--n_pretrain', type=int, default=48)
+    parser.add_argument('--n_test', type=int, default=42)
+    parser.add_argument('--seed', type=int, default=0, help='training seed')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--out', default='benchmarks/results/quality_vs_compute.json')
+    parser.add_argument('--png', default='documentation/images/quality_vs_compute.png')
+    args = parser.parse_args()
+    records = []
+    for budget in args.budgets:
+        records.append(run_budget(budget, args.work, args.n_pretrain, args.n_test, args.device, args.seed))
+        atomic_save_json(json_ready({'machine': machine(), 'n_pretrain': args.n_pretrain, 'n_test': args.n_test,
+                                     'evaluation': 'body-only', 'budgets': records}), args.out)
+        plot(records, args.png)
+        r = records[-1]
+        print(f"{r['budget']}: {r['pretrain_minutes']:.1f} min, body AUROC modular {r['screener']['auroc']:.3f} "
+              f"distilled {r['screener_distilled']['auroc']:.3f}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,107 @@
+"""The body in the training objectives and the maps: the density NLL and the distillation MSE average over the body
+only, the distillation target is standardised with body statistics of many crops, and whole-CT maps hold the body
+minimum outside the body (table and room air never score)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nnscreener.density.pooling import body_mean, pooled_body
+from nnscreener.inference.anomaly_maps import body_anomaly_map
+from nnscreener.planners.presets import get_preset
+from nnscreener.preprocessing.screener_cache import ScreenerView
+from nnscreener.trainers.nnscreener_distillation_trainer import DistillationObjective
+from nnscreener.utilities.errors import ScreenerInputError
+
+PATCH = (4, 6, 6)
+
+
+def test_body_mean_ignores_values_outside_the_body():
+    values = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    body = values % 2 == 0
+    assert body_mean(values, body) == values[body].mean()
+    changed = torch.where(body, values, torch.full_like(values, 1e6))
+    assert body_mean(changed, body) == body_mean(values, body)
+    assert body_mean(values, torch.zeros_like(body)) == values.mean()  # no body: plain mean, not 0 / 0
+    mask = torch.zeros(1, 1, 4, 6, 6)
+    mask[..., :2, :3, :3] = 1  # exactly one pooled cell of (2, 3, 3)
+    assert pooled_body(mask, (2, 3, 3)).tolist() == [[[[True, False], [False, False]], [[False, False], [False, False]]]]
+
+
+class FixedTeacher(nn.Module):
+    """A 'modular Screener' whose map is channel 0 of its input (the stock channel is passed through)."""
+
+    def select_input(self, stock, clahe):
+        return stock
+
+    def forward(self, x, crop_start, upsample=False):
+        return x
+
+
+def _batch(seed, outside_value=None):
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.rand(2, 3, *PATCH, generator=generator)
+    data[:, 2] = (torch.rand(2, *PATCH, generator=generator) > 0.5).float()  # body channel
+    if outside_value is not None:
+        data[:, 0] = torch.where(data[:, 2] > 0, data[:, 0], torch.full_like(data[:, 0], outside_value))
+    return {'data': data, 'crop_start': torch.zeros(2, 3, dtype=torch.long)}
+
+
+def test_distillation_target_is_standardised_with_body_statistics_of_all_calibration_crops():
+    objective = DistillationObjective(nn.Conv3d(1, 1, 1), FixedTeacher())
+    with pytest.raises(RuntimeError, match='calibrate'):
+        objective(_batch(0))
+    batches = [_batch(s, outside_value=50.0) for s in range(5)]  # huge values outside the body must not count
+    objective.calibrate(batches)
+    body_values = torch.cat([b['data'][:, 0][b['data'][:, 2] > 0] for b in batches]).double()
+    assert float(objective.target_mean) == pytest.approx(float(body_values.mean()), rel=1e-5)
+    assert float(objective.target_sd) == pytest.approx(float(body_values.std(unbiased=False)), rel=1e-4)
+    # the loss is a body mean: what the teacher says outside the body does not change it
+    batch = _batch(7)
+    other = {k: v.clone() for k, v in batch.items()}
+    other['data'][:, 0] = torch.where(batch['data'][:, 2] > 0, batch['data'][:, 0], torch.tensor(1e3))
+    with torch.no_grad():
+        assert objective(batch)[0] == pytest.approx(float(objective(other)[0]), rel=1e-6)
+    # no clamp: the most anomalous voxel keeps its distance (a clamped target would tie it with the next ones)
+    loss_far = objective({'data': _with_peak(batch['data'], 100.0), 'crop_start': batch['crop_start']})[0]
+    loss_near = objective({'data': _with_peak(batch['data'], 10.0), 'crop_start': batch['crop_start']})[0]
+    assert loss_far > loss_near * 5
+
+
+def _with_peak(data, value):
+    data = data.clone()
+    data[0, 0, 1, 2, 2], data[0, 2, 1, 2, 2] = value, 1.0
+    return data
+
+
+class ConstantPatchModel:
+    """Map = the stock input: the table (bright) and the room (dark) would score if they were not masked."""
+    patch_size, device = (8, 12, 12), torch.device('cpu')
+
+    def __call__(self, stock, clahe, crop_start):
+        return stock
+
+
+def test_whole_ct_map_holds_the_body_minimum_outside_the_body():
+    stock = np.zeros((10, 30, 30), np.float32)
+    stock[:, 5:20, 5:25] = 0.8  # body
+    stock[:, 24:27, :] = 1.0  # a bright table below it: brighter than any body voxel
+    stock[3, 10, 10] = 0.95  # a bright spot in the body
+    body = np.zeros_like(stock, bool)
+    body[:, 5:20, 5:25] = True
+    view = ScreenerView(bbox=[(0, 10), (0, 30), (0, 30)], body=body, clahe=None)
+    anomaly_map = body_anomaly_map(stock, view, ConstantPatchModel(), step_size=0.5)
+    floor = anomaly_map[body].min()
+    assert np.all(anomaly_map[~body] == floor)
+    assert np.unravel_index(anomaly_map.argmax(), stock.shape) == (3, 10, 10)  # not the table
+
+
+def test_preset_overrides_set_steps_and_clahe():
+    preset = get_preset('tiny:steps=900,clahe=0.01')
+    assert [preset[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [900] * 3
+    assert preset['clahe_clip_limit'] == 0.01 and get_preset('tiny')['clahe_clip_limit'] == 0.05
+    assert get_preset('cpu')['patch_size'] == (32, 48, 48)
+    with pytest.raises(ScreenerInputError, match='steps=<int>'):
+        get_preset('tiny:steps=many')
+    with pytest.raises(ScreenerInputError, match='unknown preset'):
+        get_preset('huge')
