@@ -50,7 +50,8 @@ def test_preprocessed_data_is_clipped_and_rescaled(in_phantom_world):
 
 
 def test_continue_keeps_finished_preprocessing_and_a_new_preset_redoes_it(empty_world):
-    """--c after a finished run rewrites nothing; --c with another preset must re-plan, not keep stale plans."""
+    """--c after a finished run rewrites nothing; --c with another preset must re-plan, not keep stale plans; it keeps
+    nnU-Net's preprocessed data when the new preset changes training settings only, redoes it when the patch changes."""
     from nnscreener.phantoms.make_phantoms import make_phantom_datasets
     make_phantom_datasets(TARGET_ID, None, num_labeled=2, preset='tiny', seed=3)
     plan_and_preprocess(TARGET_ID, preset='tiny', num_processes=1)
@@ -61,6 +62,12 @@ def test_continue_keeps_finished_preprocessing_and_a_new_preset_redoes_it(empty_
     assert [os.path.getmtime(f) for f in files] == written
     plan_and_preprocess(TARGET_ID, preset='tiny_long', num_processes=1, continue_=True)
     assert _plans(os.environ)[1]['screener']['preset'] == 'tiny_long'
+    assert _plans(os.environ)[1]['screener']['ssl']['num_steps'] == 600
+    assert [os.path.getmtime(f) for f in files] == written  # steps only: the preprocessed cases are kept
+    plan_and_preprocess(TARGET_ID, preset='cpu', num_processes=1, continue_=True)
+    plans = _plans(os.environ)[1]
+    assert plans['screener']['preset'] == 'cpu' and plans['configurations']['3d_fullres']['patch_size'] == [32, 48, 48]
+    assert [os.path.getmtime(f) for f in files] != written  # another patch: nnU-Net's preprocessing ran again
 
 
 def test_screener_cache_holds_all_datasets_with_clahe(in_phantom_world):

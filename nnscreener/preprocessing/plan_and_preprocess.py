@@ -1,5 +1,6 @@
 """`nnScreener_plan_and_preprocess`: nnU-Net fingerprint -> Screener plans -> stock preprocessing -> Screener cache."""
 import argparse
+import json
 import os
 from os.path import isdir, isfile, join
 from typing import Sequence
@@ -37,7 +38,9 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
 
     plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
     if continue_ and _nnunet_preprocessing_complete(target, preset, sources[target]):
-        print(f'{target}: nnScreenerPlans and nnU-Net preprocessing complete, kept (--c)')
+        if load_json(plans_file)['screener'].get('preset') != preset:  # same nnU-Net data, other training settings
+            nnScreenerPlanner(target, preset=preset).plan_experiment()
+        print(f'{target}: nnU-Net preprocessing of these plans complete, kept (--c)')
     else:
         _run_nnunet_planning(target, preset, num_processes, continue_)
     plans_manager = PlansManager(plans_file)
@@ -49,10 +52,18 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     return plans_file
 
 
+# preset keys that shape nnU-Net's plans configuration and preprocessed data; the others only steer the training
+CONFIGURATION_KEYS = ('patch_size', 'base_num_features', 'max_num_features', 'finetune_batch_size')
+
+
 def _nnunet_preprocessing_complete(target: str, preset: str, cases: dict) -> bool:
-    """Plans of this preset exist and every case has its properties file, which nnU-Net writes last per case."""
+    """Plans whose configuration this preset would make again exist, and every case has its properties file, which
+    nnU-Net writes last per case."""
     plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
-    if not isfile(plans_file) or load_json(plans_file).get('screener', {}).get('preset') != preset:
+    if not isfile(plans_file):
+        return False
+    planned, wanted = load_json(plans_file).get('screener', {}), get_preset(preset)
+    if any(planned.get(k) != json.loads(json.dumps(wanted[k])) for k in CONFIGURATION_KEYS):  # tuples as in JSON
         return False
     folder = join(preprocessed_dataset_folder(target), f'{SCREENER_PLANS_NAME}_{CONFIGURATION}')
     return all(isfile(join(folder, case + '.pkl')) for case in cases)
