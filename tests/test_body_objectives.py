@@ -105,3 +105,26 @@ def test_preset_overrides_set_steps_and_clahe():
         get_preset('tiny:steps=many')
     with pytest.raises(ScreenerInputError, match='unknown preset'):
         get_preset('huge')
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused_and_runs_nothing(tmp_path):
+    from nnscreener.training.stage_trainer import load_plain_checkpoint
+    marker = tmp_path / 'payload_ran'
+    crafted = tmp_path / 'checkpoint_final.pth'
+    torch.save({'network_weights': {'w': torch.zeros(1)}, 'screener': {'x': _Payload(str(marker))}}, crafted)
+    with pytest.raises(ScreenerInputError, match='refusing to unpickle'):
+        load_plain_checkpoint(str(crafted), 'cpu')
+    assert not marker.exists()
+    plain = tmp_path / 'plain.pth'
+    torch.save({'network_weights': {'w': torch.ones(2)}, 'screener': {'rng': {'python': (3, (1, 2), None)}}}, plain)
+    assert load_plain_checkpoint(str(plain), 'cpu')['network_weights']['w'].sum() == 2

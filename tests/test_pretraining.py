@@ -18,7 +18,7 @@ NNUNET_CHECKPOINT_KEYS = {'network_weights', 'optimizer_state', 'current_epoch',
 
 
 def _history(stage):
-    checkpoint = torch.load(stage_checkpoint(NAME, stage), map_location='cpu', weights_only=False)
+    checkpoint = torch.load(stage_checkpoint(NAME, stage), map_location='cpu', weights_only=True)
     return checkpoint, checkpoint['screener']['history']
 
 
@@ -55,7 +55,7 @@ def test_distillation_reduces_the_student_teacher_error(pretrained_world, monkey
     batch = RandomCropLoader(trainer.screener_cache(), 4, trainer.configuration_manager.patch_size,
                              seed=99).generate_train_batch()
     batch = {k: torch.as_tensor(v) for k, v in batch.items()}
-    checkpoint = torch.load(stage_checkpoint(NAME, 'distillation'), weights_only=False)
+    checkpoint = torch.load(stage_checkpoint(NAME, 'distillation'), weights_only=True)
     trained = checkpoint['screener']['objective_weights']
     objective = trainer.objective.eval()
     objective.target_mean.fill_(trained['target_mean'])  # both students scored against the same target
@@ -81,7 +81,7 @@ def test_condition_model_is_more_masking_invariant_than_descriptor(pretrained_wo
     from nnscreener.training.stages import load_frozen_unet
     for k, v in pretrained_world[0].items():
         monkeypatch.setenv(k, v)
-    condition_state = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=False)['screener']
+    condition_state = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=True)['screener']
     trainer_plans = condition_state['plans_screener']
     config = PlansManager(join(os.path.dirname(stage_folder(NAME, 'condition')), 'plans.json')).get_configuration(
         '3d_fullres')
@@ -129,14 +129,14 @@ def test_resume_continues_step_counter_schedule_and_history(phantom_world, monke
     with pytest.raises(KeyboardInterrupt):
         trainer.run_training()
     latest = join(trainer.output_folder, 'checkpoint_latest.pth')
-    assert torch.load(latest, weights_only=False)['screener']['step'] == 10
+    assert torch.load(latest, weights_only=True)['screener']['step'] == 10
     resumed = make_trainer(True)
     maybe_load_checkpoint(resumed, True, False)
     assert resumed.current_step == 10
     resumed.lr_scheduler.step(resumed.current_step)
     lr_at_10 = resumed.optimizer.param_groups[0]['lr']
     resumed.run_training()
-    final = torch.load(join(resumed.output_folder, 'checkpoint_final.pth'), weights_only=False)['screener']
+    final = torch.load(join(resumed.output_folder, 'checkpoint_final.pth'), weights_only=True)['screener']
     assert final['step'] == 16 and final['history']['steps'] == list(range(1, 17))
     from nnscreener.training.lr_schedule import warmup_decay_lr
     hp = resumed.hparams
@@ -157,5 +157,5 @@ def test_ddp_on_cpu_with_gloo_two_processes(phantom_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = glob.glob(join(str(tmp_path), NAME, 'nnScreenerDescriptorTrainer__*', 'fold_all',
                                 'checkpoint_final.pth'))
-    assert checkpoint and torch.load(checkpoint[0], weights_only=False)['screener']['step'] == 10
+    assert checkpoint and torch.load(checkpoint[0], weights_only=True)['screener']['step'] == 10
     assert 'I am local rank 1' in result.stdout, 'two DDP processes must have run'

@@ -84,8 +84,8 @@ def test_distilled_checkpoint_predicts_and_fine_tunes_in_stock_nnunet(pretrained
     assert os.path.isfile(join(fold, 'validation', 'summary.json'))
     # the fine-tuned network started from the distilled weights (a few SGD steps keep them close; a random
     # init would be uncorrelated), except the re-initialised seg_layers
-    distilled_weights = torch.load(distilled, weights_only=False)['network_weights']
-    tuned = torch.load(join(fold, 'checkpoint_final.pth'), weights_only=False)['network_weights']
+    distilled_weights = torch.load(distilled, weights_only=True)['network_weights']
+    tuned = torch.load(join(fold, 'checkpoint_final.pth'), weights_only=False)['network_weights']  # stock nnU-Net's
     assert set(distilled_weights) == set(tuned)
     key = 'encoder.stages.0.0.convs.0.conv.weight'
     correlation = np.corrcoef(distilled_weights[key].flatten(), tuned[key].flatten())[0, 1]

@@ -121,7 +121,7 @@ def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods, 
         with timed(timings, f'predict {method}'):
             predict(join(raw, 'imagesTr'), maps, TARGET, kind, device if kind != 'local_contrast' else 'cpu',
                     batch_size=PREDICT_BATCH,
-                    overlays=2 if seed == 0 else 0, continue_=True,
+                    overlays=2 if seed == 0 else 0, continue_=True, reference_folder=join(raw, 'labelsTr'),
                     density_trainer=trainer if kind == 'modular' else None)
         with timed(timings, f'evaluate {method}'):
             result['methods'][method] = evaluate_method(maps, raw, types)

@@ -46,6 +46,18 @@ def curve_name(budget: str) -> str:
     return re.sub(r'steps=\d+,?', '', budget).rstrip(':,')
 
 
+def record_from_phantom_benchmark(path: str, seed: int) -> dict:
+    """A budget measured by phantom_benchmark.py on the same world (its preset and training seed), so the curve
+    does not train it again."""
+    result = load_json(path)
+    run = result['per_seed'][str(seed)]
+    return {'budget': result['settings']['preset'], 'seed': seed, 'from': path,
+            'pretrain_minutes': run['timings_s'][PRETRAIN_TIMING] / 60,
+            'distilled_vs_modular': run['distilled_vs_modular'],
+            **{key: {m: run['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
+               for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
+
+
 def plot(records: list, out_png: str) -> None:
     figure = Figure(figsize=(11, 4))
     for ax, metric in zip(figure.subplots(1, 3), ('auroc', 'auroc_up_to_fpr', 'dice_mean')):
@@ -69,6 +81,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--work', required=True)
     parser.add_argument('--budgets', nargs='+', required=True, help='presets with step counts, e.g. tiny:steps=300')
+    parser.add_argument('--from_phantom_benchmark', nargs='*', default=[],
+                        help="phantom_quality.json files of phantom_benchmark.py runs on the same world: their preset "
+                             "joins the curve as measured there")
     parser.add_argument('--n_pretrain', type=int, default=48)
     parser.add_argument('--n_test', type=int, default=42)
     parser.add_argument('--seed', type=int, default=0, help='training seed')
@@ -76,7 +91,7 @@ def main():
     parser.add_argument('--out', default='benchmarks/results/quality_vs_compute.json')
     parser.add_argument('--png', default='documentation/images/quality_vs_compute.png')
     args = parser.parse_args()
-    records = []
+    records = [record_from_phantom_benchmark(path, args.seed) for path in args.from_phantom_benchmark]
     for budget in args.budgets:
         records.append(run_budget(budget, args.work, args.n_pretrain, args.n_test, args.device, args.seed))
         atomic_save_json(json_ready({'machine': machine(), 'n_pretrain': args.n_pretrain, 'n_test': args.n_test,

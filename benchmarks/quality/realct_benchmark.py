@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 from nnscreener.evaluation.evaluate import PER_CASE_FILE, evaluate_anomaly_maps, json_ready
 from nnscreener.inference.anomaly_maps import case_name, save_case_overlay
 from nnscreener.preprocessing.body import body_mask_hu
-from nnscreener.inference.overlays import HEAT_PERCENTILE
+from nnscreener.inference.overlays import HEAT_PERCENTILES
 from nnscreener.inference.predict import predict
 from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
@@ -201,7 +201,7 @@ def tumour_ranks(ct_file: str, map_file: str, mask_file: str) -> dict:
     labels = np.concatenate([np.ones(inside.size), np.zeros(rest.size)])
     return {'auroc_body': float(roc_auc_score(labels, np.concatenate([inside, rest]))),
             'tumour_median_percentile': float(percentileofscore(rest, np.median(inside), kind='mean')),
-            'tumour_above_heat_fraction': float(np.mean(inside > np.percentile(rest, HEAT_PERCENTILE))),
+            'tumour_above_heat_fraction': float(np.mean(inside > np.percentile(rest, HEAT_PERCENTILES[0]))),
             'tumour_fraction_of_body': float(tumour.sum() / max(1, (body | tumour).sum()))}
 
 

@@ -9,6 +9,7 @@ A subclass provides `build_objective()` (an nn.Module whose forward(batch) retur
 `.network` is the UNet stored as `network_weights`) and, unless random crops do, `build_loader()`.
 """
 import os
+import pickle
 import random
 from abc import ABCMeta, abstractmethod
 import time
@@ -182,7 +183,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
                 'step': self.current_step,
                 'objective_weights': _uncompiled_state_dict(self.objective),
                 'history': self.history.state_dict(),
-                'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+                'rng': {'torch': torch.get_rng_state(), 'numpy': _numpy_rng_state(), 'python': random.getstate(),
                         'cuda': torch.cuda.get_rng_state_all() if self.device.type == 'cuda' else None},
                 'plans_screener': self.screener,
             },
@@ -196,15 +197,15 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = load_plain_checkpoint(checkpoint, self.device)
         state = checkpoint['screener']
         _load_uncompiled_state_dict(self.objective, state['objective_weights'])
         self.optimizer.load_state_dict(checkpoint['optimizer_state'])
         self.current_step = state['step']
         self.history.load_state_dict(state['history'])
         torch.set_rng_state(state['rng']['torch'].cpu())
-        np.random.set_state(state['rng']['numpy'])
-        random.setstate(state['rng']['python'])
+        _set_numpy_rng_state(state['rng']['numpy'])
+        random.setstate((state['rng']['python'][0], tuple(state['rng']['python'][1]), state['rng']['python'][2]))
         if self.device.type == 'cuda' and state['rng'].get('cuda') is not None:  # jitter and masking draw on the GPU
             torch.cuda.set_rng_state_all([s.cpu() for s in state['rng']['cuda']])
         self.print_to_log_file(f'resumed from step {self.current_step}')
@@ -230,5 +231,29 @@ def load_stage_network(checkpoint_file: str, device: torch.device) -> Tuple[dict
     from nnscreener.utilities.errors import ScreenerInputError
     if not isfile(checkpoint_file):
         raise ScreenerInputError(f'{checkpoint_file} missing: run nnScreener_pretrain for the earlier stages first')
-    checkpoint = torch.load(checkpoint_file, map_location=device, weights_only=False)
+    checkpoint = load_plain_checkpoint(checkpoint_file, device)
     return checkpoint, checkpoint['screener']
+
+
+def load_plain_checkpoint(checkpoint_file: str, device) -> dict:
+    """A stage checkpoint, unpickled with `weights_only=True`: tensors and plain Python values only, so a crafted
+    file cannot run code; anything else is refused with one line."""
+    from nnscreener.utilities.errors import ScreenerInputError
+    try:
+        return torch.load(checkpoint_file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ScreenerInputError(f'{checkpoint_file} holds objects other than tensors and plain values, which '
+                                 f'nnscreener never writes; refusing to unpickle it ({str(e).splitlines()[0][:120]}). '
+                                 f'Re-run the stage that wrote it')
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as a tensor and plain numbers (a weights_only checkpoint holds no ndarray)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state((state['kind'], state['keys'].cpu().numpy().astype(np.uint32), state['pos'],
+                         state['has_gauss'], state['cached_gaussian']))
