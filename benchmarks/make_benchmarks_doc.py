@@ -88,12 +88,14 @@ def target_lines(methods: dict, types: list) -> list:
 def curve_section(result: dict) -> list:
     lines = ['### Quality against compute (`quality_vs_compute.json`)', '',
              f"{machine_line(result['machine'])}. {result['n_pretrain']} pretraining / {result['n_test']} test "
-             f"phantoms, one training seed per budget; minutes = measured wall time of the four pretraining stages. "
-             f"Body-only, all lesions.", '', '![quality vs compute](images/quality_vs_compute.png)', '',
-             '| budget | minutes | ' + ' | '.join(f'modular {t}' for _, t in CURVE_METRICS) + ' | distilled AUROC | '
-             'distilled Dice | r distilled-modular |', '|---' * (len(CURVE_METRICS) + 5) + '|']
+             f"phantoms, one training seed per budget. Compute = steps x the per-step cost on 2 idle cores "
+             f"(`STEP_SECONDS` in the script, from `bench_speed.py`); wall = measured wall time of the four stages "
+             f"(inflated where other jobs shared the cores). Body-only, all lesions.", '',
+             '![quality vs compute](images/quality_vs_compute.png)', '',
+             '| budget | compute min | wall min | ' + ' | '.join(f'modular {t}' for _, t in CURVE_METRICS) + ' | distilled AUROC | '
+             'distilled Dice | r distilled-modular |', '|---' * (len(CURVE_METRICS) + 6) + '|']
     for r in result['budgets']:
-        lines.append(f"| `{r['budget']}` | {r['pretrain_minutes']:.1f} | "
+        lines.append(f"| `{r['budget']}` | {r['compute_minutes']:.1f} | {r['wall_minutes']:.1f} | "
                      + ' | '.join(f3(r['screener'][m]) for m, _ in CURVE_METRICS)
                      + f" | {f3(r['screener_distilled']['auroc'])} | {f3(r['screener_distilled']['dice_mean'])} | "
                        f"{f3(r['distilled_vs_modular']['pearson_r_pooled'])} |")

@@ -5,7 +5,8 @@
         --budgets tiny:steps=100 tiny:steps=300 tiny:steps=900 tiny:steps=2700 cpu:steps=300 cpu:steps=600 cpu:steps=1200
 
 A budget is a preset with every stage trained N steps (`nnscreener.planners.presets.get_preset`); its compute is the
-measured wall time of the four pretraining stages on this machine. One world (the phantom benchmark's phantoms,
+steps times the per-step cost measured by benchmarks/speed on 2 idle cores (STEP_SECONDS), and the measured wall time
+of the four stages is recorded beside it. One world (the phantom benchmark's phantoms,
 seed 0) serves every budget; each budget has its own nnUNet_results and maps. A finished budget is kept on re-runs,
 with the times of the run that trained it. Writes quality_vs_compute.json and .png to --out.
 """
@@ -18,11 +19,24 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from matplotlib.figure import Figure
 
 from nnscreener.evaluation.evaluate import json_ready
+from nnscreener.planners.presets import get_preset
 from nnscreener.utilities.io import atomic_path, atomic_save_json
 from phantom_benchmark import ALL_LESIONS, DISTILLED, METRICS, SCREENER, run_seed, slug, type_references
 from world import machine, make_world
 
 PRETRAIN_TIMING = 'pretrain: descriptor, condition, density, distillation'
+# seconds per step (SSL, density, distillation) on 2 CPU cores without other load, by benchmarks/speed/bench_speed.py
+# (--preset tiny --device cpu --steps 20, 2026-11-23; --preset cpu --steps 5, 2026-12-01). The curve's compute axis is
+# steps x these costs: wall times of budgets trained while other jobs shared the cores are recorded too, but inflated.
+STEP_SECONDS = {'tiny': (1 / 18.5, 1 / 36.9, 1 / 15.2), 'cpu': (1 / 3.83, 1 / 8.57, 1 / 2.23)}
+
+
+def compute_minutes(budget: str) -> float:
+    """Uncontended pretraining minutes of a budget: descriptor + condition (SSL), density, distillation steps."""
+    preset = get_preset(budget)
+    ssl, density, distillation = STEP_SECONDS[budget.split(':')[0]]
+    return (2 * preset['ssl']['num_steps'] * ssl + preset['density']['num_steps'] * density
+            + preset['distillation']['num_steps'] * distillation) / 60
 CURVE_METRICS = ('auroc', 'auroc_up_to_fpr', 'aupro_up_to_fpr', 'average_precision_mean', 'dice_mean')
 
 
@@ -33,7 +47,8 @@ def run_budget(budget: str, work: str, n_pretrain: int, n_test: int, device: str
     raw = make_world(work, budget, n_pretrain, n_test)
     result = run_seed(seed, work, raw, type_references(raw, work), device, [SCREENER, DISTILLED],
                       tag=f'{slug(budget)}_seed{seed}')
-    record = {'budget': budget, 'seed': seed, 'pretrain_minutes': result['timings_s'][PRETRAIN_TIMING] / 60,
+    record = {'budget': budget, 'seed': seed, 'compute_minutes': compute_minutes(budget),
+              'wall_minutes': result['timings_s'][PRETRAIN_TIMING] / 60,
               'distilled_vs_modular': result['distilled_vs_modular'],
               **{key: {m: result['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
                  for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
@@ -52,7 +67,8 @@ def record_from_phantom_benchmark(path: str, seed: int) -> dict:
     result = load_json(path)
     run = result['per_seed'][str(seed)]
     return {'budget': result['settings']['preset'], 'seed': seed, 'from': path,
-            'pretrain_minutes': run['timings_s'][PRETRAIN_TIMING] / 60,
+            'compute_minutes': compute_minutes(result['settings']['preset']),
+            'wall_minutes': run['timings_s'][PRETRAIN_TIMING] / 60,
             'distilled_vs_modular': run['distilled_vs_modular'],
             **{key: {m: run['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
                for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
@@ -63,12 +79,12 @@ def plot(records: list, out_png: str) -> None:
     for ax, metric in zip(figure.subplots(1, 3), ('auroc', 'auroc_up_to_fpr', 'dice_mean')):
         for preset in dict.fromkeys(curve_name(r['budget']) for r in records):
             rows = sorted((r for r in records if curve_name(r['budget']) == preset),
-                          key=lambda r: r['pretrain_minutes'])
-            minutes = [r['pretrain_minutes'] for r in rows]
+                          key=lambda r: r['compute_minutes'])
+            minutes = [r['compute_minutes'] for r in rows]
             for key, style in (('screener', '-o'), ('screener_distilled', '--s')):
                 ax.plot(minutes, [r[key][metric] for r in rows], style, label=f'{preset} {key.replace("_", " ")}')
         ax.set_xscale('log')
-        ax.set_xlabel('pretraining wall time, minutes (2 CPU cores)')
+        ax.set_xlabel('pretraining compute, minutes of 2 CPU cores')
         ax.set_title(f'{METRICS[metric][0]} (body)')
         ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -98,7 +114,7 @@ def main():
                                      'evaluation': 'body-only', 'budgets': records}), args.out)
         plot(records, args.png)
         r = records[-1]
-        print(f"{r['budget']}: {r['pretrain_minutes']:.1f} min, body AUROC modular {r['screener']['auroc']:.3f} "
+        print(f"{r['budget']}: {r['compute_minutes']:.1f} min, body AUROC modular {r['screener']['auroc']:.3f} "
               f"distilled {r['screener_distilled']['auroc']:.3f}")
 
 

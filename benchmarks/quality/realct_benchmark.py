@@ -12,9 +12,9 @@ steps are skipped, interrupted trainings continue). Steps:
   3 pretrain   descriptor -> condition -> density -> distillation on the pretraining scans
   4 predict    modular and distilled maps of every real CT with (a) this "realct" model and (b) a "phantom" model
                (--phantom_results, e.g. the nnScreener_demo's nnUNet_results; skipped if not given)
-  5 evaluate   nnScreener_evaluate against the tumour masks (pooled voxel AUROC over the whole image, AUROC up to
-               FPR 0.3, per-scan AUROC), plus two body-only numbers (voxels > -500 HU): the AUROC of tumour vs the
-               rest of the body, and the percentile of the median tumour score among the other body voxels
+  5 evaluate   nnScreener_evaluate -images against the tumour masks (body-only pooled voxel AUROC, AUROC up to
+               FPR 0.3, per-scan AUROC), plus two numbers over every body voxel (body_mask_hu): the AUROC of tumour
+               vs the rest of the body, and the percentile of the median tumour score among the other body voxels
   6 overlays   PNGs of the 3 highest-scoring slices per scan, tumour contour in cyan
   7 report     realct_results.json and realct_results.md in --out (default <work>/results); the table is printed
 """
@@ -258,8 +258,8 @@ def markdown_report(report: dict) -> str:
         f"`{report['command']}`", '',
         f"Device: {report['device']['summary']}; preset {report['preset']}, seed {report['seed']}; "
         f"this run {report['total_wall_s']:.0f} s. Steps (wall time of the run that did the work): {steps}.", '',
-        'AUROCs against the sarcoma GTV masks (voxels sampled over the whole image, as nnScreener_evaluate). '
-        'Body AUROC: tumour vs every other voxel > -500 HU. Tumour median percentile: % of the other body voxels '
+        'AUROCs against the sarcoma GTV masks (normal voxels sampled from the body, as nnScreener_evaluate -images). '
+        'Body AUROC: tumour vs every other body voxel. Tumour median percentile: % of the other body voxels '
         'scoring below the median tumour voxel (50 = chance).', '',
         markdown_table(report['results'], cases), '',
         'Scan scores (99.5th percentile of the map inside the body) of every real CT:', '',
@@ -366,8 +366,8 @@ def run_benchmark(args) -> dict:
 
 
 # the previous session's body-only numbers (2026-11-23, tiny_long, body = voxels > -500 HU, whole-image CLAHE box)
-BEFORE = {'realct_modular': {'STS_001': (0.44, 42), 'STS_002': (0.57, 56), 'STS_003': (0.67, 69)},
-          'realct_distilled': {'STS_001': (0.43, 43), 'STS_002': (0.58, 59), 'STS_003': (0.65, 68)}}
+BEFORE = {'realct_modular': {'STS_001_ct': (0.44, 42), 'STS_002_ct': (0.57, 56), 'STS_003_ct': (0.67, 69)},
+          'realct_distilled': {'STS_001_ct': (0.43, 43), 'STS_002_ct': (0.58, 59), 'STS_003_ct': (0.65, 68)}}
 
 
 def issue_summary(report: dict) -> dict:
