@@ -39,11 +39,11 @@ def phantom_section(result: dict) -> list:
     methods = result['methods']
     settings = result['settings']
     types = [g for g in methods['screener'] if g not in ('all', 'method')]
-    lines = ['### Phantom benchmark: unsupervised maps, body-only (`phantom_quality.json`)', '',
+    lines = [f"### Phantom benchmark, preset `{result['preset']}`: unsupervised maps, body-only", '',
              f"Preset `{result['preset']}`, training seeds {result['seeds']}, {settings['n_pretrain']} image-only "
              f"pretraining / {settings['n_test']} labeled test phantoms (phantom seed 0). "
              f"{machine_line(settings['machine'])}. Normal voxels, AUPRO's false positives, AP and Dice come from the "
-             f"patient's body (`nnScreener_evaluate -images`); mean over seeds.", '',
+             f"patient's body (`nnScreener_evaluate -images`); mean over seeds. {settings.get('preset_note', '')}", '',
              '| method | ' + ' | '.join(t for _, t in BODY_METRICS) + ' |', '|---' * (len(BODY_METRICS) + 1) + '|']
     for key, row in methods.items():
         lines.append(f"| {row['method']} | " + ' | '.join(f3(row['all'][m]) for m, _ in BODY_METRICS) + ' |')
@@ -117,7 +117,7 @@ def main():
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', phantom_section), ('quality_vs_compute.json', curve_section),
-                          ('realct_quality.json', realct_section)):
+                          ('phantom_quality_cpu_wide.json', phantom_section), ('realct_quality.json', realct_section)):
         result = load(name)
         lines += section(result) if result else [f'`{name}`: not measured yet.', '']
     with open(DOC + '.tmp', 'w') as f:

@@ -100,7 +100,7 @@ def test_preset_overrides_set_steps_and_clahe():
     preset = get_preset('tiny:steps=900,clahe=0.01')
     assert [preset[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [900] * 3
     assert preset['clahe_clip_limit'] == 0.01 and get_preset('tiny')['clahe_clip_limit'] == 0.05
-    assert get_preset('cpu')['patch_size'] == (32, 48, 48)
+    assert get_preset('cpu_wide')['patch_size'] == (32, 48, 48) and get_preset('cpu')['ssl']['num_steps'] == 2700
     with pytest.raises(ScreenerInputError, match='steps=<int>'):
         get_preset('tiny:steps=many')
     with pytest.raises(ScreenerInputError, match='unknown preset'):

@@ -64,9 +64,10 @@ def test_continue_keeps_finished_preprocessing_and_a_new_preset_redoes_it(empty_
     assert _plans(os.environ)[1]['screener']['preset'] == 'tiny_long'
     assert _plans(os.environ)[1]['screener']['ssl']['num_steps'] == 600
     assert [os.path.getmtime(f) for f in files] == written  # steps only: the preprocessed cases are kept
-    plan_and_preprocess(TARGET_ID, preset='cpu', num_processes=1, continue_=True)
+    plan_and_preprocess(TARGET_ID, preset='cpu_wide', num_processes=1, continue_=True)
     plans = _plans(os.environ)[1]
-    assert plans['screener']['preset'] == 'cpu' and plans['configurations']['3d_fullres']['patch_size'] == [32, 48, 48]
+    assert plans['screener']['preset'] == 'cpu_wide'
+    assert plans['configurations']['3d_fullres']['patch_size'] == [32, 48, 48]
     assert [os.path.getmtime(f) for f in files] != written  # another patch: nnU-Net's preprocessing ran again
 
 

@@ -26,9 +26,12 @@ from world import machine, make_world
 
 PRETRAIN_TIMING = 'pretrain: descriptor, condition, density, distillation'
 # seconds per step (SSL, density, distillation) on 2 CPU cores without other load, by benchmarks/speed/bench_speed.py
-# (--preset tiny --device cpu --steps 20, 2026-11-23; --preset cpu --steps 5, 2026-12-01). The curve's compute axis is
-# steps x these costs: wall times of budgets trained while other jobs shared the cores are recorded too, but inflated.
-STEP_SECONDS = {'tiny': (1 / 18.5, 1 / 36.9, 1 / 15.2), 'cpu': (1 / 3.83, 1 / 8.57, 1 / 2.23)}
+# (--preset tiny --device cpu --steps 20, 2026-11-23; --preset cpu_wide --steps 5, 2026-12-01). The curve's compute
+# axis is steps x these costs: wall times of budgets trained while other jobs shared the cores are recorded too, but
+# inflated. `cpu` and `tiny_long` are the tiny networks.
+TINY_STEP_SECONDS = (1 / 18.5, 1 / 36.9, 1 / 15.2)
+STEP_SECONDS = {'tiny': TINY_STEP_SECONDS, 'tiny_long': TINY_STEP_SECONDS, 'cpu': TINY_STEP_SECONDS,
+                'cpu_wide': (1 / 3.83, 1 / 8.57, 1 / 2.23)}
 
 
 def compute_minutes(budget: str) -> float:

@@ -105,20 +105,22 @@ def _longer(preset: dict, steps: int, warmup: int, checkpoint_every: int) -> dic
 PRESETS['tiny_long'] = _longer(PRESETS['tiny'], steps=600, warmup=20, checkpoint_every=100)
 
 
-def _cpu_preset() -> dict:
+def _cpu_wide_preset() -> dict:
     """Between tiny and default: twice tiny's patch on every axis (48 x 72 x 72 mm of context for the conditions),
-    twice its widths and feature dimensions; step counts chosen by the measured sweep in benchmarks/quality."""
+    twice its widths and feature dimensions. Measured against `cpu` in benchmarks/quality: less quality per CPU-hour."""
     preset = deepcopy(PRESETS['tiny'])
     preset.update(patch_size=(32, 48, 48), base_num_features=8, max_num_features=64, descriptor_dim=16,
                   condition_dim=16, checkpoint_every=100)
     preset['ssl'].update(positive_pairs=1024, expander_dims=(128, 128), mask_block_size=(8, 12, 12))
     for stage in ('ssl', 'density', 'distillation'):
-        preset[stage].update(num_steps=CPU_PRESET_STEPS, warmup_steps=20)
+        preset[stage].update(num_steps=1200, warmup_steps=20)
     return preset
 
 
-CPU_PRESET_STEPS = 1200
-PRESETS['cpu'] = _cpu_preset()
+PRESETS['cpu_wide'] = _cpu_wide_preset()
+# The most map quality per CPU-hour of the measured sweep (benchmarks/quality/quality_vs_compute.py, 2 cores): the tiny
+# networks trained 2700 steps per stage (9 minutes of compute) beat the wider cpu_wide networks at 1200 steps (22 min)
+PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
 # "<preset>:steps=N,clahe=X": a preset with every stage trained N steps and/or another CLAHE clip limit, for the
