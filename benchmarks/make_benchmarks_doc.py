@@ -51,6 +51,8 @@ def phantom_section(result: dict) -> list:
               '|---' * (len(types) + 1) + '|']
     for key, row in methods.items():
         lines.append(f"| {row['method']} | " + ' | '.join(f3(row.get(t, {}).get('auroc_body')) for t in types) + ' |')
+    if result['preset'] == 'cpu':  # the headline run's plot (phantom_benchmark.py writes it beside its JSON)
+        lines += ['', '![body AUROC per lesion type](images/phantom_quality_auroc.png)']
     lines += ['', f"Distilled vs modular agreement, Pearson r over body voxels: "
                   f"{f3(result.get('distilled_vs_modular_pearson_r'))}.", '']
     lines += target_lines(methods, types)
@@ -108,6 +110,7 @@ def realct_section(result: dict) -> list:
     for model, scans in result['models'].items():
         for scan, row in scans.items():
             lines.append(f"| {model} | {scan} | {f3(row['body_auroc'])} | {row['tumour_median_percentile']:.1f} |")
+    lines += ['', '![real-CT modular map, STS_003, tumour contour in cyan](images/realct_STS_003_modular.png)']
     return lines + ['', f"Target: the median tumour voxel above {TARGETS['tumour_median_percentile']:.0f} % of the other "
                         f"body voxels in every scan.", '']
 
