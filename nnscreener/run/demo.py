@@ -44,8 +44,9 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
     pretrain(TARGET, device=device, continue_=True)
     _step('4/6 unsupervised anomaly maps of the labeled phantoms, and their evaluation')
     summaries = {kind: _maps_and_metrics(raw, folder, kind, device) for kind in ('modular', 'distilled')}
-    agreement = map_agreement(join(folder, 'anomaly_maps_modular'), join(folder, 'anomaly_maps_distilled'))
-    print(f"distilled vs modular: Pearson r {agreement['pearson_r_pooled']:.3f} (pooled voxels), AUROC "
+    agreement = map_agreement(join(folder, 'anomaly_maps_modular'), join(folder, 'anomaly_maps_distilled'),
+                              images_folder=join(raw, 'imagesTr'))
+    print(f"distilled vs modular: Pearson r {agreement['pearson_r_pooled']:.3f} (body voxels), body AUROC "
           f"{summaries['distilled']['auroc']:.3f} vs {summaries['modular']['auroc']:.3f}")
     _step(f'5/6 low-shot fine-tuning: {folds} folds x {lowshot_n} labeled cases, distilled init vs scratch')
     write_lowshot_splits(TARGET, lowshot_n, folds, seed=0, overwrite=True)
