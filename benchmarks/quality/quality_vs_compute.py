@@ -50,13 +50,18 @@ def run_budget(budget: str, work: str, n_pretrain: int, n_test: int, device: str
     raw = make_world(work, budget, n_pretrain, n_test)
     result = run_seed(seed, work, raw, type_references(raw, work), device, [SCREENER, DISTILLED],
                       tag=f'{slug(budget)}_seed{seed}')
-    record = {'budget': budget, 'seed': seed, 'compute_minutes': compute_minutes(budget),
-              'wall_minutes': result['timings_s'][PRETRAIN_TIMING] / 60,
-              'distilled_vs_modular': result['distilled_vs_modular'],
-              **{key: {m: result['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
-                 for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
+    record = budget_record(budget, seed, result)
     atomic_save_json(json_ready(record), done)
     return record
+
+
+def budget_record(budget: str, seed: int, run: dict, **extra) -> dict:
+    """One point of the curve from a run_seed result (or a phantom_benchmark.py seed, which has the same keys)."""
+    return {'budget': budget, 'seed': seed, **extra, 'compute_minutes': compute_minutes(budget),
+            'wall_minutes': run['timings_s'][PRETRAIN_TIMING] / 60,
+            'distilled_vs_modular': run['distilled_vs_modular'],
+            **{key: {m: run['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
+               for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
 
 
 def curve_name(budget: str) -> str:
@@ -68,13 +73,7 @@ def record_from_phantom_benchmark(path: str, seed: int) -> dict:
     """A budget measured by phantom_benchmark.py on the same world (its preset and training seed), so the curve
     does not train it again."""
     result = load_json(path)
-    run = result['per_seed'][str(seed)]
-    return {'budget': result['settings']['preset'], 'seed': seed, 'from': path,
-            'compute_minutes': compute_minutes(result['settings']['preset']),
-            'wall_minutes': run['timings_s'][PRETRAIN_TIMING] / 60,
-            'distilled_vs_modular': run['distilled_vs_modular'],
-            **{key: {m: run['methods'][method][ALL_LESIONS][m] for m in CURVE_METRICS}
-               for key, method in (('screener', SCREENER), ('screener_distilled', DISTILLED))}}
+    return budget_record(result['settings']['preset'], seed, result['per_seed'][str(seed)], **{'from': path})
 
 
 def plot(records: list, out_png: str) -> None:

@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 
 from nnscreener.evaluation.evaluate import PER_CASE_FILE, evaluate_anomaly_maps, json_ready
 from nnscreener.inference.anomaly_maps import case_name, save_case_overlay
-from nnscreener.preprocessing.body import body_mask_hu
+from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.inference.overlays import HEAT_PERCENTILES
 from nnscreener.inference.predict import predict
 from nnscreener.planners.presets import PRESETS
@@ -195,7 +195,7 @@ def tumour_ranks(ct_file: str, map_file: str, mask_file: str) -> dict:
     images = [sitk.ReadImage(f) for f in (ct_file, map_file, mask_file)]
     ct, anomaly_map, tumour = (sitk.GetArrayFromImage(i) for i in images)
     tumour = tumour > 0
-    body = body_mask_hu(ct, images[0].GetSpacing()[::-1])
+    body = body_mask_of_image(images[0])
     rest = anomaly_map[body & ~tumour]
     inside = anomaly_map[tumour]
     labels = np.concatenate([np.ones(inside.size), np.zeros(rest.size)])

@@ -25,7 +25,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, best_threshold_from_curves,
                                            dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
                                            pro_thresholds, sample_voxels)
-from nnscreener.preprocessing.body import body_mask_hu
+from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_save_json, atomic_save_text
 
@@ -118,7 +118,7 @@ def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str, i
         _check_same_geometry(case, score_image, ct_image, other=f'CT {os.path.basename(image_file)}')
         if not mask.any():  # a normal scan is left out of every metric: no body needed
             return score_map, mask, None
-        body = body_mask_hu(sitk.GetArrayViewFromImage(ct_image), ct_image.GetSpacing()[::-1])
+        body = body_mask_of_image(ct_image)
         bodies[case] = zlib.compress(np.packbits(body).tobytes(), 1)
     body = np.unpackbits(np.frombuffer(zlib.decompress(bodies[case]), np.uint8), count=mask.size)
     return score_map, mask, body.reshape(mask.shape).astype(bool)
@@ -301,8 +301,7 @@ def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz',
     for case in cases:
         pair = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case + file_ending))) for f in (folder_a, folder_b)]
         if case in images:
-            ct = sitk.ReadImage(images[case])
-            body = body_mask_hu(sitk.GetArrayFromImage(ct), ct.GetSpacing()[::-1])
+            body = body_mask_of_image(sitk.ReadImage(images[case]))
             pair = [m[body] for m in pair]
         maps.append([m.ravel() for m in pair])
     per_case = [pearsonr(a, b)[0] for a, b in maps]

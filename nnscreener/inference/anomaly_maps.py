@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map
-from nnscreener.preprocessing.body import body_mask_hu
+from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
 from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
@@ -201,8 +201,7 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
             anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
             map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
             write_anomaly_map(map_raw, image_file, outputs[case])
-        body = body_mask_hu(sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1])
-        records.append({'case': case, 'scan_score': scan_score(map_raw, body),
+        records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask_of_image(image)),
                         'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
                         'image': abspath(image_file), 'anomaly_map': abspath(outputs[case])})
     save_scores(records, output_folder)

@@ -20,6 +20,7 @@ the patient. Here the body is:
 from typing import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from nnscreener.planners.presets import BODY_THRESHOLD_HU, CT_CLIP_RANGE
@@ -41,6 +42,11 @@ def body_mask(volume01: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 def body_mask_hu(ct_hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Boolean (z, y, x) body mask of a CT in Hounsfield units (raw scans: evaluation, scan scores, overlays)."""
     return _body_mask(ct_hu, spacing, BODY_THRESHOLD_HU, ROOM_AIR_MAX_HU)
+
+
+def body_mask_of_image(image: sitk.Image) -> np.ndarray:
+    """`body_mask_hu` of a SimpleITK CT: its voxels in HU, its spacing turned to (z, y, x)."""
+    return body_mask_hu(sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1])
 
 
 def _body_mask(volume: np.ndarray, spacing: Sequence[float], dense_min: float, room_air_max: float) -> np.ndarray:

@@ -25,9 +25,9 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     Pretraining datasets (labeled or image-only) are preprocessed with the target's plans into the Screener cache.
     """
     require_env('nnUNet_raw', 'nnUNet_preprocessed')
-    get_preset(preset)  # an unknown preset or override is a one-line error before any work
+    settings = get_preset(preset)  # an unknown preset or override is a one-line error before any work
     target = dataset_name(dataset_id)
-    patch = None if allow_small_images else get_preset(preset)['patch_size']
+    patch = None if allow_small_images else settings['patch_size']
     if not isdir(join(raw_dataset_folder(target), 'labelsTr')):
         raise ScreenerInputError(f'target dataset {target} has no labelsTr: nnU-Net plans need a labeled target; '
                                  f'give image-only data with -pretrain_d and a labeled dataset with -d')
@@ -37,7 +37,7 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
         sources[name] = check_raw_ct_dataset(raw_dataset_folder(name), False, patch, SCREENER_SPACING)
 
     plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
-    if continue_ and _nnunet_preprocessing_complete(target, preset, sources[target]):
+    if continue_ and _nnunet_preprocessing_complete(target, settings, sources[target]):
         if load_json(plans_file)['screener'].get('preset') != preset:  # same nnU-Net data, other training settings
             nnScreenerPlanner(target, preset=preset).plan_experiment()
         print(f'{target}: nnU-Net preprocessing of these plans complete, kept (--c)')
@@ -56,14 +56,14 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
 CONFIGURATION_KEYS = ('patch_size', 'base_num_features', 'max_num_features', 'finetune_batch_size')
 
 
-def _nnunet_preprocessing_complete(target: str, preset: str, cases: dict) -> bool:
-    """Plans whose configuration this preset would make again exist, and every case has its properties file, which
-    nnU-Net writes last per case."""
+def _nnunet_preprocessing_complete(target: str, settings: dict, cases: dict) -> bool:
+    """Plans whose configuration these preset settings would make again exist, and every case has its properties
+    file, which nnU-Net writes last per case."""
     plans_file = join(preprocessed_dataset_folder(target), SCREENER_PLANS_NAME + '.json')
     if not isfile(plans_file):
         return False
-    planned, wanted = load_json(plans_file).get('screener', {}), get_preset(preset)
-    if any(planned.get(k) != json.loads(json.dumps(wanted[k])) for k in CONFIGURATION_KEYS):  # tuples as in JSON
+    planned = load_json(plans_file).get('screener', {})
+    if any(planned.get(k) != json.loads(json.dumps(settings[k])) for k in CONFIGURATION_KEYS):  # tuples as in JSON
         return False
     folder = join(preprocessed_dataset_folder(target), f'{SCREENER_PLANS_NAME}_{CONFIGURATION}')
     return all(isfile(join(folder, case + '.pkl')) for case in cases)

@@ -79,8 +79,9 @@ def preprocess_screener_case(image_files: List[str], plans_manager: PlansManager
 
 def _cache_one(args) -> dict:
     key, role, image_files, out_file, plans_manager, configuration_manager, dataset_json, skip_existing = args
-    if skip_existing and isfile(out_file) and np.load(out_file, mmap_mode='r').shape[0] == CACHE_CHANNELS:
-        shape, bbox = np.load(out_file, mmap_mode='r').shape[1:], None
+    existing = np.load(out_file, mmap_mode='r').shape if skip_existing and isfile(out_file) else None
+    if existing is not None and existing[0] == CACHE_CHANNELS:
+        shape, bbox = existing[1:], None
     else:
         volume, bbox = preprocess_screener_case(image_files, plans_manager, configuration_manager, dataset_json)
         atomic_save_npy(out_file, volume)
