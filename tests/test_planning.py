@@ -92,6 +92,28 @@ def test_screener_cache_holds_all_datasets_with_clahe(in_phantom_world):
     assert load_json(join(cache.folder, 'index.json'))['clahe_clip_limit'] == get_preset('tiny')['clahe_clip_limit']
 
 
+def test_inference_sees_what_the_models_were_trained_on(in_phantom_world):
+    """The Screener models train on the cache and predict on `preprocess_ct_image` of a raw scan: for the same case
+    both must give the same stock input, body box, body mask and CLAHE (to the cache's float16)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnscreener.inference.anomaly_maps import preprocess_ct_image
+    folder, _ = _plans(in_phantom_world)
+    cache = ScreenerCache(join(folder, 'nnScreenerPlans_3d_fullres_screener'))
+    plans_manager = PlansManager(join(folder, 'nnScreenerPlans.json'))
+    config = plans_manager.get_configuration('3d_fullres')
+    raw = join(in_phantom_world['nnUNet_raw'], os.path.basename(folder))
+    for case in ('phantom_0000', 'phantom_0003'):
+        key = f'{os.path.basename(folder)}/{case}'
+        stock, view, _ = preprocess_ct_image(sitk.ReadImage(join(raw, 'imagesTr', f'{case}_0000.nii.gz')),
+                                             plans_manager, config, load_json(join(raw, 'dataset.json')))
+        cached = np.asarray(cache.load(key), dtype=np.float32)
+        assert [list(b) for b in view.bbox] == cache.entries[key]['bbox']
+        np.testing.assert_allclose(cached[0], stock[view.slicer], atol=1e-3)
+        np.testing.assert_array_equal(cached[2], view.body)
+        np.testing.assert_allclose(cached[1], view.clahe, atol=1e-3)
+        assert np.abs(view.clahe - stock[view.slicer])[view.body].mean() > 0.02, 'CLAHE is not the identity'
+
+
 def _write_ct(path, array, spacing=(1.5, 1.5, 3.0), direction=None, dtype=None):
     image = sitk.GetImageFromArray(array if dtype is None else array.astype(dtype))
     image.SetSpacing(spacing)
