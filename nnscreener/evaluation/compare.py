@@ -21,6 +21,7 @@ from scipy.stats import wilcoxon
 from nnscreener.evaluation.evaluate import json_ready
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
+from nnscreener.utilities.output_folder import check_output_folder, claim_outputs
 from nnscreener.utilities.paths import dataset_name, require_env
 
 OUTPUT_BASENAME = 'comparison'
@@ -145,6 +146,9 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
     """
     require_env('nnUNet_results')
     results_folder = os.path.join(os.environ['nnUNet_results'], dataset_name(dataset))
+    outputs = [OUTPUT_BASENAME + ending for ending in ('.md', '.json', '.png')]
+    if output_folder is not None:  # a folder the user named; the default one in nnUNet_results is ours
+        check_output_folder(output_folder, outputs)
     dice = {}
     for trainer in (trainer_a, trainer_b):
         folder = _trainer_folder(results_folder, trainer, plans, configuration)
@@ -168,10 +172,13 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
 
     if output_folder is None:
         output_folder = os.path.join(results_folder, f'compare__{trainer_a}__vs__{trainer_b}__{plans}__{configuration}')
+    else:
+        claim_outputs(output_folder, outputs)
     markdown = _markdown_table(result)
-    atomic_save_text(markdown, os.path.join(output_folder, OUTPUT_BASENAME + '.md'))
-    atomic_save_json(json_ready(result), os.path.join(output_folder, OUTPUT_BASENAME + '.json'))
-    _save_paired_plot(result, os.path.join(output_folder, OUTPUT_BASENAME + '.png'))
+    md_file, json_file, png_file = (os.path.join(output_folder, name) for name in outputs)
+    atomic_save_text(markdown, md_file)
+    atomic_save_json(json_ready(result), json_file)
+    _save_paired_plot(result, png_file)
     if verbose:
         print(markdown + f'\nwritten to {output_folder}')
     return result

@@ -25,9 +25,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, best_threshold_from_curves,
                                            dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
                                            pro_thresholds, sample_voxels)
+from nnscreener.inference.manifest import listed_maps
 from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.io import atomic_save_json, atomic_save_text
+from nnscreener.utilities.io import atomic_save_json, atomic_save_text, read_image
+from nnscreener.utilities.output_folder import MANIFEST_FILE, check_output_folder, claim_outputs
 
 PER_CASE_FILE = 'metrics_per_case.csv'
 SUMMARY_FILE = 'summary.json'
@@ -49,10 +51,16 @@ def json_ready(value):
 
 
 def _case_names(pred_folder: str, ref_folder: str, file_ending: str) -> List[str]:
+    """The cases of the maps in pred_folder: those its predict manifest lists (naming the others in a warning), or,
+    for maps from elsewhere (no manifest), every <case><file_ending>."""
     for name, folder in (('anomaly map', pred_folder), ('reference', ref_folder)):
         if not os.path.isdir(folder):
             raise ScreenerInputError(f'{name} folder {folder} does not exist')
-    cases = sorted(f[:-len(file_ending)] for f in os.listdir(pred_folder) if f.endswith(file_ending))
+    present = sorted(f[:-len(file_ending)] for f in os.listdir(pred_folder) if f.endswith(file_ending))
+    listed = listed_maps(pred_folder)
+    cases = present if listed is None else sorted(c for c, f in listed[0].items() if f == c + file_ending)
+    if listed is not None:
+        _warn_about_unlisted(pred_folder, [c + file_ending for c in present if c not in cases], listed[1])
     if not cases:
         raise ScreenerInputError(f'no *{file_ending} anomaly maps in {pred_folder}')
     missing = [c for c in cases if not os.path.isfile(os.path.join(ref_folder, c + file_ending))]
@@ -60,6 +68,16 @@ def _case_names(pred_folder: str, ref_folder: str, file_ending: str) -> List[str
         raise ScreenerInputError(f'no reference mask in {ref_folder} for case(s) {", ".join(missing)}: every anomaly '
                                  f'map <case>{file_ending} needs a reference <case>{file_ending}')
     return cases
+
+
+def _warn_about_unlisted(pred_folder: str, unlisted: List[str], missing: List[str]) -> None:
+    if unlisted:
+        print(f'nnScreener_evaluate warning: {len(unlisted)} map(s) in {pred_folder} are not listed in its '
+              f'{MANIFEST_FILE} (another model or an earlier run) and are not scored: {", ".join(unlisted)}',
+              file=sys.stderr)
+    if missing:
+        print(f'nnScreener_evaluate warning: the predict run into {pred_folder} has no map yet for {len(missing)} '
+              f'input(s) ({", ".join(missing)}); finish it with nnScreener_predict ... --c', file=sys.stderr)
 
 
 def _image_files(images_folder: str, cases: List[str], file_ending: str) -> Dict[str, str]:
@@ -98,8 +116,8 @@ def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str, i
     geometry checks. The body (body_mask_hu of image_file, None without one) is computed for pathological cases
     only, and once: `bodies` keeps it bit-packed and zlib-compressed (~1.5 kB per 512 x 512 slice) between the two
     passes."""
-    score_image = sitk.ReadImage(os.path.join(pred_folder, case + file_ending))
-    ref_image = sitk.ReadImage(os.path.join(ref_folder, case + file_ending))
+    score_image = read_image(os.path.join(pred_folder, case + file_ending))
+    ref_image = read_image(os.path.join(ref_folder, case + file_ending))
     _check_same_geometry(case, score_image, ref_image)
     if score_image.GetNumberOfComponentsPerPixel() != 1:
         raise ScreenerInputError(f'case {case}: the anomaly map must have one component per voxel')
@@ -111,10 +129,7 @@ def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str, i
         return score_map, mask, None
     bodies = {} if bodies is None else bodies
     if case not in bodies:
-        try:
-            ct_image = sitk.ReadImage(image_file)
-        except RuntimeError as e:
-            raise ScreenerInputError(f'cannot read the CT {image_file} ({str(e).strip().splitlines()[-1]})')
+        ct_image = read_image(image_file)
         _check_same_geometry(case, score_image, ct_image, other=f'CT {os.path.basename(image_file)}')
         if not mask.any():  # a normal scan is left out of every metric: no body needed
             return score_map, mask, None
@@ -171,6 +186,8 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
     if n_threshold_cases < 1:
         raise ScreenerInputError(f'n_threshold_cases must be >= 1, got {n_threshold_cases}')
     output_folder = pred_folder if output_folder is None else output_folder
+    outputs = (PER_CASE_FILE, SUMMARY_FILE)
+    check_output_folder(output_folder, outputs)
     cases = _case_names(pred_folder, ref_folder, file_ending)
     use_body = images_folder is not None and not whole_image
     image_files = _image_files(images_folder, cases, file_ending) if use_body else {}
@@ -256,6 +273,7 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
                      'region': 'body' if use_body else 'whole_image',
                      'images_folder': os.path.abspath(images_folder) if use_body else None},
     }
+    claim_outputs(output_folder, outputs)
     atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
     atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
     if verbose:
@@ -299,9 +317,9 @@ def map_agreement(folder_a: str, folder_b: str, file_ending: str = '.nii.gz',
     images = _image_files(images_folder, cases, file_ending) if images_folder else {}
     maps = []
     for case in cases:
-        pair = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(f, case + file_ending))) for f in (folder_a, folder_b)]
+        pair = [sitk.GetArrayFromImage(read_image(os.path.join(f, case + file_ending))) for f in (folder_a, folder_b)]
         if case in images:
-            body = body_mask_of_image(sitk.ReadImage(images[case]))
+            body = body_mask_of_image(read_image(images[case]))
             pair = [m[body] for m in pair]
         maps.append([m.ravel() for m in pair])
     per_case = [pearsonr(a, b)[0] for a, b in maps]

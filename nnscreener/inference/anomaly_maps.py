@@ -17,18 +17,23 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
+from nnscreener.inference.manifest import PredictionRun
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map
 from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
-from nnscreener.preprocessing.validation import check_ct_image, read_ct_image
+from nnscreener.preprocessing.validation import check_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
-from nnscreener.utilities.io import atomic_path, atomic_save_json
+from nnscreener.utilities.io import atomic_path, atomic_save_json, read_image
+from nnscreener.utilities.output_folder import check_output_folder
 
 CT_FILE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha')  # what SimpleITK reads and nnU-Net's SimpleITKIO accepts
 NNUNET_CHANNEL_SUFFIX = '_0000'
 SCAN_SCORE_PERCENTILE = 99.5
 SCORE_FIELDS = ('case', 'scan_score', 'map_max', 'map_mean')
+SCORES_CSV, SCORES_JSON = 'scores.csv', 'scores.json'
+MAP_ENDING = '.nii.gz'
+OVERLAY_FOLDER = 'overlays'
 
 
 class PatchAnomalyModel(Protocol):
@@ -49,7 +54,7 @@ class PatchAnomalyModel(Protocol):
 def preprocess_for_screener(image_file: str, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                             dataset_json: dict) -> Tuple[np.ndarray, ScreenerView, dict]:
     """Reads and checks one CT, then `preprocess_ct_image`: -> (stock, Screener view, properties)."""
-    image = read_ct_image(image_file)
+    image = read_image(image_file)
     check_ct_image(image, image_file)  # no patch check: small images are zero-padded by the sliding window
     return preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json)
 
@@ -174,39 +179,47 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
                          model: PatchAnomalyModel, plans_manager: PlansManager,
                          configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
                          batch_size: int = 4, overlays: int = 0, continue_: bool = False,
-                         model_name: Optional[str] = None, reference_folder: Optional[str] = None) -> List[dict]:
+                         model_name: Optional[str] = None, reference_folder: Optional[str] = None,
+                         model_identity: Optional[dict] = None) -> List[dict]:
     """Anomaly map `<case>.nii.gz` for every CT, plus `scores.csv` / `scores.json` and, for the `overlays`
     highest-scoring scans, `overlays/<case>.png`. Returns the score records. The overlays are titled
     '<case> - <model_name>' and show the contour of `reference_folder/<case>.nii.gz` where that mask exists.
 
+    The output folder must be new or hold only files of nnscreener (`check_output_folder`); its manifest records
+    `model_identity` (default: the model name) with the step size, the inputs and their maps (`PredictionRun`).
     Fails fast: the first unreadable or invalid CT stops the run with one line naming the file. Maps already written
-    stay; `continue_` skips cases whose map exists with the CT's size (their scores are recomputed from it).
+    stay; `continue_` keeps the maps the manifest lists as this model's map of the same input (their scores are
+    recomputed from them) and recomputes the others.
     """
     if not 0 < step_size <= 1 or batch_size < 1:
         raise ScreenerInputError(f'step_size must be in (0, 1] and batch_size >= 1, got {step_size} and {batch_size}')
     cases = find_ct_files(input_files_or_folder)
-    outputs = {case: join(output_folder, case + '.nii.gz') for case in cases}
-    for case, f in cases.items():
-        if abspath(outputs[case]) == abspath(f):
-            raise ScreenerInputError(f'the map of {f} would overwrite it: choose another output folder')
-    os.makedirs(output_folder, exist_ok=True)
+    manifest = check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
+    identity = {**(model_identity or {'model': model_name or type(model).__name__}), 'step_size': step_size}
+    outputs = {case: case + MAP_ENDING for case in cases}
+    run = PredictionRun(output_folder, manifest, cases, outputs, identity, continue_)
+    run.claim((SCORES_CSV, SCORES_JSON))
     records = []
     for case, image_file in tqdm(cases.items(), desc='anomaly maps'):
-        image = read_ct_image(image_file)
+        image = read_image(image_file)
         check_ct_image(image, image_file)
-        map_raw = _existing_map(outputs[case], image) if continue_ else None
+        map_file = join(output_folder, outputs[case])
+        map_raw = _existing_map(map_file, image) if case in run.maps_to_keep else None
         if map_raw is None:
             stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
                                                           with_clahe=getattr(model, 'uses_clahe', True))
             anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
             map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
-            write_anomaly_map(map_raw, image_file, outputs[case])
+            write_anomaly_map(map_raw, image_file, map_file)
+            run.record_map(case, outputs[case])
         records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask_of_image(image)),
                         'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
-                        'image': abspath(image_file), 'anomaly_map': abspath(outputs[case])})
+                        'image': abspath(image_file), 'anomaly_map': abspath(map_file)})
     save_scores(records, output_folder)
-    for record in sorted(records, key=lambda r: -r['scan_score'])[:overlays]:
-        out_png = join(output_folder, 'overlays', record['case'] + '.png')
+    shown = sorted(records, key=lambda r: -r['scan_score'])[:overlays]
+    run.claim(join(OVERLAY_FOLDER, r['case'] + '.png') for r in shown)
+    for record in shown:
+        out_png = join(output_folder, OVERLAY_FOLDER, record['case'] + '.png')
         mask_file = join(reference_folder, record['case'] + '.nii.gz') if reference_folder else None
         save_case_overlay(record['image'], record['anomaly_map'], out_png,
                           mask_file=mask_file if mask_file and isfile(mask_file) else None,
@@ -215,21 +228,22 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
 
 
 def _existing_map(map_file: str, image: sitk.Image) -> Optional[np.ndarray]:
-    """The saved map of `image`, or None if there is none of its size (missing, or left from another input)."""
-    if not isfile(map_file):
+    """The saved map of `image`, or None if there is none of its size, or it cannot be read: it is then redone."""
+    try:
+        anomaly_map = read_image(map_file)
+    except ScreenerInputError:
         return None
-    anomaly_map = read_ct_image(map_file)
     return sitk.GetArrayFromImage(anomaly_map) if anomaly_map.GetSize() == image.GetSize() else None
 
 
 def save_scores(records: List[dict], output_folder: str) -> None:
     """scores.json (all fields) and scores.csv (case, scan_score, map_max, map_mean), both atomic."""
-    atomic_save_json(records, join(output_folder, 'scores.json'))
+    atomic_save_json(records, join(output_folder, SCORES_JSON))
     text = io.StringIO()
     writer = csv.DictWriter(text, SCORE_FIELDS, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(records)
-    with atomic_path(join(output_folder, 'scores.csv')) as tmp:
+    with atomic_path(join(output_folder, SCORES_CSV)) as tmp:
         with open(tmp, 'w', newline='') as f:
             f.write(text.getvalue())
 
@@ -239,8 +253,8 @@ def save_case_overlay(image_file: str, anomaly_map_file: str, out_png: str, n_sl
     """Overlay PNG (save_overlay_png) of a CT, its map and optionally its reference mask, all reoriented to LPS so
     slices show in the radiological convention. title defaults to the case name. The map and the mask must be on
     the CT's grid."""
-    images = [sitk.DICOMOrient(read_ct_image(f), 'LPS') if f else None for f in (image_file, anomaly_map_file,
-                                                                                   mask_file)]
+    images = [sitk.DICOMOrient(read_image(f), 'LPS') if f else None for f in (image_file, anomaly_map_file,
+                                                                                mask_file)]
     for image, fname in zip(images[1:], (anomaly_map_file, mask_file)):
         if image is not None and (image.GetSize() != images[0].GetSize() or not np.allclose(
                 image.GetSpacing(), images[0].GetSpacing(), atol=1e-3) or not np.allclose(

@@ -11,13 +11,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnscreener.baselines.autoencoder import build_autoencoder, reconstruction_error_map
-from nnscreener.inference.anomaly_maps import predict_anomaly_maps
+from nnscreener.inference.anomaly_maps import OVERLAY_FOLDER, predict_anomaly_maps
 from nnscreener.baselines.local_contrast import LocalContrastPatchModel
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
 from nnscreener.training.stages import modular_screener, stage_checkpoint, stage_folder
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
+from nnscreener.utilities.io import file_sha256
+from nnscreener.utilities.output_folder import check_output_folder
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
 AUTOENCODER_TRAINER = 'nnScreenerAutoencoderTrainer'
@@ -70,9 +72,9 @@ def load_patch_model(name: str, kind: str, device: torch.device,
         raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
     if kind == LOCAL_CONTRAST:
         return _local_contrast_model(name)
-    stage, trainer = MODEL_FOLDERS[kind]
-    folder = os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else trainer))
+    folder = _model_folder(name, kind, density_trainer)
     if not isfile(join(folder, 'plans.json')):
+        trainer = MODEL_FOLDERS[kind][1]
         raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run nnScreener_pretrain -d {name}'
                                  + (' --stages density --density_trainer ' + trainer if trainer else ''))
     plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
@@ -86,9 +88,37 @@ def load_patch_model(name: str, kind: str, device: torch.device,
     return model, plans_manager, load_json(join(folder, 'dataset.json'))
 
 
+def _model_folder(name: str, kind: str, density_trainer: str = None) -> str:
+    """The trainer folder whose plans.json / dataset.json the model was trained with."""
+    stage, trainer = MODEL_FOLDERS[kind]
+    return os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else trainer))
+
+
+def model_identity(name: str, kind: str, density_trainer: str = None) -> dict:
+    """What makes a map this model's (recorded in the predict output folder's manifest): dataset, kind, density
+    trainer, the plans (identifier, preset, sha256 of the plans file used) and the sha256 of every checkpoint the
+    model is built from (for the modular model those of the descriptor, condition and density stages present)."""
+    if kind == LOCAL_CONTRAST:
+        plans_file, checkpoints = _preprocessed_plans_file(name), []
+    elif kind == 'modular':
+        plans_file = join(_model_folder(name, kind, density_trainer), 'plans.json')
+        stages = (('descriptor', None), ('condition', None), ('density', density_trainer))
+        checkpoints = [f for f in (stage_checkpoint(name, s, t) for s, t in stages) if isfile(f)]
+    else:
+        plans_file = join(_model_folder(name, kind), 'plans.json')
+        checkpoints = [stage_checkpoint(name, *MODEL_FOLDERS[kind])]
+    return {'dataset': name, 'model': kind, 'density_trainer': density_trainer, 'plans': SCREENER_PLANS_NAME,
+            'preset': load_json(plans_file)['screener'].get('preset'), 'plans_sha256': file_sha256(plans_file),
+            'checkpoints': {os.path.relpath(f, os.environ['nnUNet_results']): file_sha256(f) for f in checkpoints}}
+
+
+def _preprocessed_plans_file(name: str) -> str:
+    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+
+
 def _local_contrast_model(name: str) -> Tuple[object, PlansManager, dict]:
     require_env('nnUNet_preprocessed')
-    plans_file = join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+    plans_file = _preprocessed_plans_file(name)
     if not isfile(plans_file):
         raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
     plans_manager = PlansManager(load_json(plans_file))
@@ -121,12 +151,14 @@ def predict(input_path, output_folder: str, dataset, model: str = 'modular', dev
     if reference_folder is not None and not os.path.isdir(reference_folder):
         raise ScreenerInputError(f'reference mask folder {reference_folder} does not exist')
     require_env('nnUNet_results')
+    check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))  # before loading anything
     name = dataset_name(dataset)
     patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device), density_trainer)
     model_name = model if model != 'modular' or density_trainer is None else f'{model} ({density_trainer})'
     return predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
                                 plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size, batch_size,
-                                overlays, continue_, model_name=model_name, reference_folder=reference_folder)
+                                overlays, continue_, model_name=model_name, reference_folder=reference_folder,
+                                model_identity=model_identity(name, model, density_trainer))
 
 
 @exit_on_input_error
@@ -143,7 +175,9 @@ def predict_entry():
     parser.add_argument('--overlays', type=int, default=0, help='PNG overlays for the N highest-scoring scans')
     parser.add_argument('--ref', default=None,
                         help='folder of <case>.nii.gz reference masks: the overlays show their contours')
-    parser.add_argument('--c', action='store_true', help='continue: keep maps that already exist')
+    parser.add_argument('--c', action='store_true',
+                        help='continue: keep the maps the output folder\'s manifest lists as this model\'s maps of the '
+                             'same inputs, recompute the others')
     parser.add_argument('--density_trainer', default=None,
                         help='modular model: a density-stage variant trained with nnScreener_pretrain --density_trainer')
     args = parser.parse_args()

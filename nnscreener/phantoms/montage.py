@@ -10,13 +10,15 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from scipy.ndimage import binary_fill_holes, label  # noqa: E402
 
+from nnscreener.utilities.io import read_image  # noqa: E402
+
 LUNG_WINDOW = (-600, 1500)  # (level, width) in HU
 SOFT_WINDOW = (40, 400)
 
 
 def _read_lps(path: str):
     """Array (z, y, x) reoriented so that x runs to the patient's left, y posterior, z superior, and its spacing."""
-    image = sitk.DICOMOrient(sitk.ReadImage(path), 'LPS')
+    image = sitk.DICOMOrient(read_image(path), 'LPS')
     return sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
 
 

@@ -12,6 +12,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnscreener.utilities.errors import ScreenerInputError
+from nnscreener.utilities.io import read_image
 
 
 def load_ct_dataset_json(raw_folder: str) -> dict:
@@ -26,16 +27,6 @@ def load_ct_dataset_json(raw_folder: str) -> dict:
         raise ScreenerInputError(f'{fname}: Screener needs exactly one CT channel (channel_names {{"0": "CT"}}), '
                                  f'found {channels}')
     return dataset_json
-
-
-def read_ct_image(fname: str) -> sitk.Image:
-    if not isfile(fname):
-        raise ScreenerInputError(f'{fname} does not exist')
-    try:
-        return sitk.ReadImage(fname)
-    except RuntimeError as e:
-        raise ScreenerInputError(f'cannot read {fname}: file is corrupt or not an image '
-                                 f'({str(e).strip().splitlines()[-1]})')
 
 
 def check_ct_image(image: sitk.Image, fname: str, patch_size: Sequence[int] = None,
@@ -74,7 +65,7 @@ def check_raw_ct_dataset(raw_folder: str, require_labels: bool, patch_size: Sequ
     if not cases:
         raise ScreenerInputError(f'{raw_folder}/imagesTr has no images ending in {dataset_json["file_ending"]}')
     for case, files in tqdm(cases.items(), desc=f'checking {raw_folder}', leave=False):
-        image = read_ct_image(files['images'][0])
+        image = read_image(files['images'][0])
         check_ct_image(image, files['images'][0], patch_size, target_spacing)
         if require_labels:
             check_label_matches(image, files['label'])
@@ -82,7 +73,7 @@ def check_raw_ct_dataset(raw_folder: str, require_labels: bool, patch_size: Sequ
 
 
 def check_label_matches(image: sitk.Image, label_file: str) -> None:
-    label = read_ct_image(label_file)
+    label = read_image(label_file)
     if label.GetSize() != image.GetSize() or not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3):
         raise ScreenerInputError(f'{label_file}: size/spacing {label.GetSize()}/{label.GetSpacing()} differ from '
                                  f'its image {image.GetSize()}/{image.GetSpacing()}')
