@@ -16,7 +16,8 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.stage_trainer import SEED_ENV
-from nnscreener.training.stages import PRETRAIN_FOLD, STAGE_TRAINERS, stage_checkpoint
+from nnscreener.training.stage_runs import StageRun, plan_stage_run
+from nnscreener.training.stages import PRETRAIN_FOLD, STAGE_TRAINERS, stage_checkpoint, stage_folder
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
@@ -40,17 +41,37 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
     if seed is not None:
         os.environ[SEED_ENV] = str(seed)
     for stage in [s for s in STAGE_TRAINERS if s in stages]:  # paper order, whatever order was typed
-        checkpoint = stage_checkpoint(name, stage, trainers[stage])
-        if continue_ and isfile(checkpoint):
-            print(f'{stage}: finished earlier ({checkpoint}), skipping')
+        trainer_class = _stage_trainer_class(trainers[stage])
+        screener = trainer_class.training_screener(load_json(_plans_file(name))['screener'])
+        run = plan_stage_run(stage_folder(name, stage, trainers[stage]), trainer_class.stage, screener, continue_)
+        if run.finished:
+            print(f'{stage}: finished earlier with these plans ({stage_checkpoint(name, stage, trainers[stage])}), '
+                  f'skipping')
             continue
-        print(f'==== Screener stage: {stage} ({trainers[stage]}) ====')
-        run_stage(name, trainers[stage], continue_, torch.device(device), num_gpus)
+        print(f'==== Screener stage: {stage} ({trainers[stage]})'
+              + (f', continuing {run.resume_from}' if run.resume_from else '') + ' ====')
+        run_stage(name, trainers[stage], run, torch.device(device), num_gpus)
     return {s: stage_checkpoint(name, s, trainers[s]) for s in stages}
 
 
+def _plans_file(name: str) -> str:
+    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+
+
+def _stage_trainer_class(trainer_name: str):
+    """The stage trainer class of that name in nnscreener's trainer folder (found the way nnU-Net finds it there)."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from nnscreener.ext_trainer_path import TRAINER_FOLDER
+    from nnscreener.training.stage_trainer import nnScreenerStageTrainer
+    trainer_class = recursive_find_python_class(TRAINER_FOLDER, trainer_name, None, base_folder=TRAINER_FOLDER)
+    if trainer_class is None or not issubclass(trainer_class, nnScreenerStageTrainer):
+        raise ScreenerInputError(f'{trainer_name} is not a Screener stage trainer of nnscreener/trainers (e.g. '
+                                 f'nnScreenerDensityTrainer_flow): check the --density_trainer name')
+    return trainer_class
+
+
 def _check_plans(name: str, preset: str) -> None:
-    plans_file = join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+    plans_file = _plans_file(name)
     if not isfile(plans_file):
         raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
     planned = load_json(plans_file).get('screener', {}).get('preset')
@@ -59,22 +80,22 @@ def _check_plans(name: str, preset: str) -> None:
                                  f'nnScreener_plan_and_preprocess -d {name} --preset {preset}')
 
 
-def run_stage(name: str, trainer_name: str, continue_: bool, device: torch.device, num_gpus: int) -> None:
+def run_stage(name: str, trainer_name: str, run: StageRun, device: torch.device, num_gpus: int) -> None:
     if num_gpus > 1:
         os.environ.setdefault('MASTER_ADDR', 'localhost')
         if 'MASTER_PORT' not in os.environ:
             from nnunetv2.run.run_training import find_free_network_port
             os.environ['MASTER_PORT'] = str(find_free_network_port())
-        mp.spawn(_ddp_worker, args=(num_gpus, name, trainer_name, continue_, device.type), nprocs=num_gpus,
+        mp.spawn(_ddp_worker, args=(num_gpus, name, trainer_name, run, device.type), nprocs=num_gpus,
                  join=True)
     elif int(os.environ.get('WORLD_SIZE', 1)) > 1:  # started by torchrun
         _init_process_group(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device.type)
         try:
-            _train(name, trainer_name, continue_, _rank_device(device.type))
+            _train(name, trainer_name, run, _rank_device(device.type))
         finally:
             dist.destroy_process_group()
     else:
-        _train(name, trainer_name, continue_, device)
+        _train(name, trainer_name, run, device)
 
 
 def _init_process_group(rank: int, world_size: int, device_type: str) -> None:
@@ -89,19 +110,23 @@ def _rank_device(device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
-def _ddp_worker(rank: int, world_size: int, name: str, trainer_name: str, continue_: bool, device_type: str):
+def _ddp_worker(rank: int, world_size: int, name: str, trainer_name: str, run: StageRun, device_type: str):
     _init_process_group(rank, world_size, device_type)
     try:
-        _train(name, trainer_name, continue_, _rank_device(device_type))
+        _train(name, trainer_name, run, _rank_device(device_type))
     finally:
         dist.destroy_process_group()
 
 
-def _train(name: str, trainer_name: str, continue_: bool, device: torch.device) -> None:
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+def _train(name: str, trainer_name: str, run: StageRun, device: torch.device) -> None:
+    """One process's part of a stage run: not nnU-Net's maybe_load_checkpoint, which would take any
+    checkpoint_final.pth, however old, for the result of this run."""
+    from nnunetv2.run.run_training import get_trainer_from_args
     trainer = get_trainer_from_args(name, CONFIGURATION, PRETRAIN_FOLD, trainer_name, SCREENER_PLANS_NAME,
-                                    continue_, device=device)
-    maybe_load_checkpoint(trainer, continue_, False)
+                                    run.resume_from is not None, device=device)
+    trainer.run_id = run.run_id
+    if run.resume_from is not None:
+        trainer.load_checkpoint(run.resume_from)
     trainer.run_training()
 
 
@@ -114,7 +139,9 @@ def pretrain_entry():
     parser.add_argument('--preset', default=None,
                         help=f'assert the preset the plans were made with ({", ".join(sorted(PRESETS))}, with overrides '
                              f'as planned)')
-    parser.add_argument('--c', action='store_true', help='continue: skip finished stages, resume the current one')
+    parser.add_argument('--c', action='store_true',
+                        help='continue: skip stages finished with these plans, resume the current run of the others '
+                             '(and continue a finished stage whose plans now ask for more steps)')
     parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('-num_gpus', type=int, default=1, help='DDP processes (gloo on CPU, NCCL on CUDA)')
     parser.add_argument('--density_trainer', default=None,

@@ -1,4 +1,6 @@
 """Stage 3 of Screener: the voxel-wise density model q(y | c) on frozen descriptor and condition maps."""
+from copy import deepcopy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,15 +61,16 @@ class nnScreenerDensityTrainer(nnScreenerStageTrainer):
     condition_kind = None
     intensity_descriptor = False  # the intensity baseline: the HU input in place of the learned descriptor
 
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        # hparams is the plans' dict, so the checkpoint's copy of the plans records what was trained
-        self.hparams['model'] = self.density_model or self.hparams['model']
-        self.hparams['condition'] = self.condition_kind or self.hparams['condition']
-        if self.intensity_descriptor:
-            self.screener.update(descriptor='intensity', descriptor_dim=INTENSITY_DIM)
-            self.hparams['noise_sd'] = INTENSITY_NOISE_SD
+    @classmethod
+    def training_screener(cls, screener: dict) -> dict:
+        screener = deepcopy(screener)
+        density = screener['density']
+        density['model'] = cls.density_model or density['model']
+        density['condition'] = cls.condition_kind or density['condition']
+        if cls.intensity_descriptor:
+            screener.update(descriptor='intensity', descriptor_dim=INTENSITY_DIM)
+            density['noise_sd'] = INTENSITY_NOISE_SD
+        return screener
 
     def build_objective(self):
         kind = self.hparams['condition']

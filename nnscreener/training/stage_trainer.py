@@ -49,7 +49,9 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and device.type == 'cpu':  # nnU-Net assumes DDP means CUDA; we also run gloo on CPU
             self.device = device
-        self.screener = self.plans_manager.plans['screener']
+        # the plans' own dict, so plans.json and the checkpoint's copy of the plans record what was trained
+        plans = self.plans_manager.plans
+        self.screener = plans['screener'] = self.training_screener(plans['screener'])
         self.hparams = self.screener[self.stage]
         self.num_steps = int(self.hparams['num_steps'])
         self.checkpoint_every = int(self.screener['checkpoint_every'])
@@ -59,6 +61,12 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.enable_deep_supervision = False
         self.history = LossHistory()
         self.objective = None
+        self.run_id = None  # set by nnScreener_pretrain (nnscreener.training.stage_runs); stored in every checkpoint
+
+    @classmethod
+    def training_screener(cls, screener: dict) -> dict:
+        """The `screener` block this trainer trains with, made from the plans' block (variants fix some settings)."""
+        return screener
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def initialize(self):
@@ -180,6 +188,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
             'inference_allowed_mirroring_axes': None,
             'screener': {
                 'stage': self.stage,
+                'run_id': self.run_id,
                 'step': self.current_step,
                 'objective_weights': _uncompiled_state_dict(self.objective),
                 'history': self.history.state_dict(),
