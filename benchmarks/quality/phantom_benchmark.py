@@ -15,6 +15,7 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 import SimpleITK as sitk
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from matplotlib.figure import Figure
 
 from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, json_ready, map_agreement
@@ -132,6 +133,18 @@ def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods, 
     return result
 
 
+def finished_seeds(results_file: str, settings: dict) -> dict:
+    """{seed: result} of an earlier run's results file made with the same world and methods: a resumed run does not
+    train, predict and score a finished seed again."""
+    if not isfile(results_file):
+        return {}
+    earlier = load_json(results_file)
+    same = ('preset', 'n_pretrain', 'n_test', 'phantom_seed', 'methods')
+    if any(earlier['settings'].get(k) != settings[k] for k in same):
+        return {}
+    return {int(seed): result for seed, result in earlier['per_seed'].items()}
+
+
 def aggregate(per_seed: dict, methods) -> dict:
     """{method: {group: {metric: mean_sd over seeds}}}."""
     table = {}
@@ -224,8 +237,13 @@ def main():
     with timed(timings, 'phantoms, planning, preprocessing'):
         raw = make_world(args.work, args.preset, args.n_pretrain, args.n_test, num_processes=args.np)
         types = type_references(raw, args.work)
+    finished = finished_seeds(join(out, 'phantom_quality.json'), settings)
     per_seed = {}
     for seed in args.seeds:
+        if seed in finished:
+            print(f'seed {seed}: scored by an earlier run of the same settings, kept')
+            per_seed[seed] = finished[seed]
+            continue
         with timed(timings, f'seed {seed}'):
             per_seed[seed] = run_seed(seed, args.work, raw, types, args.device, methods)
         table = aggregate(per_seed, methods)  # after every seed, so a long run shows results early
