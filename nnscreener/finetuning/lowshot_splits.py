@@ -66,6 +66,9 @@ def dataset_case_ids(dataset: Union[int, str]) -> List[str]:
         dataset_json = load_json(os.path.join(raw, 'dataset.json'))
         if 'dataset' in dataset_json:  # nnU-Net's alternative dataset.json that lists the cases explicitly
             return sorted(dataset_json['dataset'])
+        if not os.path.isdir(os.path.join(raw, 'labelsTr')):
+            raise ScreenerInputError(f'{name} is image-only (no labelsTr): nothing to fine-tune, so no low-shot '
+                                     f'splits; its images serve the Screener stages and nnScreener_predict')
         identifiers = get_identifiers_from_splitted_dataset_folder(os.path.join(raw, 'imagesTr'),
                                                                    dataset_json['file_ending'])
         return sorted(str(i) for i in identifiers)

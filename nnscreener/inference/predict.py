@@ -16,7 +16,7 @@ from nnscreener.baselines.local_contrast import LocalContrastPatchModel
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
-from nnscreener.training.stages import modular_screener, stage_checkpoint, stage_folder
+from nnscreener.training.stages import modular_screener, screener_dataset, stage_checkpoint, stage_folder
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import file_sha256
 from nnscreener.utilities.output_folder import check_output_folder
@@ -75,7 +75,8 @@ def load_patch_model(name: str, kind: str, device: torch.device,
     folder = _model_folder(name, kind, density_trainer)
     if not isfile(join(folder, 'plans.json')):
         trainer = MODEL_FOLDERS[kind][1]
-        raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run nnScreener_pretrain -d {name}'
+        raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run nnScreener_pretrain -d '
+                                 f'{screener_dataset(name)}'
                                  + (' --stages density --density_trainer ' + trainer if trainer else ''))
     plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
     configuration_manager = plans_manager.get_configuration(CONFIGURATION)

@@ -4,21 +4,43 @@ Only `3d_fullres` is planned. The UNet topology (stages, strides, kernels) comes
 `get_pool_and_conv_props` for the fixed patch; the preprocessor and normalisation keep nnU-Net's stock names
 (`DefaultPreprocessor`, `CTNormalization`) so stock `nnUNetv2_train` / `nnUNetv2_predict` run on these plans.
 """
+import json
 import shutil
 from os.path import join
 from typing import Union
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op, get_matching_instancenorm
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnscreener.planners.presets import CT_CLIP_RANGE, SCREENER_SPACING, get_preset
+from nnscreener.utilities.errors import ScreenerInputError
 
 SCREENER_PLANS_NAME = 'nnScreenerPlans'
 CONFIGURATION = '3d_fullres'
+SCREENER_FROM = 'screener_from'  # `screener` key: the dataset whose pretrained Screener these plans use
+# what the Screener networks see and are: must be identical for a dataset that uses another dataset's Screener
+SAME_INPUT_PLANS_KEYS = ('transpose_forward', 'foreground_intensity_properties_per_channel')
+SAME_INPUT_CONFIGURATION_KEYS = ('spacing', 'patch_size', 'architecture', 'normalization_schemes',
+                                 'use_mask_for_norm', 'resampling_fn_data', 'resampling_fn_data_kwargs')
+
+
+def check_same_screener_input(plans: dict, source_plans: dict, source_file: str) -> None:
+    """Plans that use the Screener of `source_plans` (from `source_file`) must give its networks the same input
+    (spacing, patch, resampling, CT intensities) and build the same network; otherwise one line naming the keys."""
+    plans_cfg, source_cfg = plans['configurations'][CONFIGURATION], source_plans['configurations'][CONFIGURATION]
+    differ = [k for k in SAME_INPUT_PLANS_KEYS if plans.get(k) != source_plans.get(k)] + \
+        [k for k in SAME_INPUT_CONFIGURATION_KEYS if plans_cfg.get(k) != source_cfg.get(k)]
+    if differ:
+        raise ScreenerInputError(
+            f'{plans["dataset_name"]} ({plans["screener"]["preset"]}) cannot use the Screener of {source_file} '
+            f'({source_plans["screener"]["preset"]}): {", ".join(differ)} differ; plan it with the same preset '
+            f'(--preset {source_plans["screener"]["preset"]}, or leave --preset out)')
 
 
 def ct_intensity_properties() -> dict:
@@ -34,12 +56,14 @@ def ct_intensity_properties() -> dict:
 
 class nnScreenerPlanner(ExperimentPlanner):
     def __init__(self, dataset_name_or_id: Union[str, int], preset: str = 'default',
-                 plans_name: str = SCREENER_PLANS_NAME):
+                 plans_name: str = SCREENER_PLANS_NAME, screener_from: str = None):
+        """screener_from: name of the dataset whose pretrained Screener these plans use (checked to fit)."""
         # Screener works in (z, y, x) at a fixed spacing: nnU-Net's axis transpose would only confuse the crop maths
         super().__init__(dataset_name_or_id, plans_name=plans_name, suppress_transpose=True,
                          overwrite_target_spacing=[float(s) for s in SCREENER_SPACING])
         self.preset_name = preset
         self.preset = get_preset(preset)
+        self.screener_from = screener_from
         self.UNet_class = PlainConvUNet
         self.UNet_base_num_features = self.preset['base_num_features']
         self.UNet_max_features_3d = self.preset['max_num_features']
@@ -119,6 +143,11 @@ class nnScreenerPlanner(ExperimentPlanner):
             'foreground_intensity_properties_per_channel': {'0': ct_intensity_properties()},
             'screener': {'preset': self.preset_name, **self.preset},
         }
+        if self.screener_from is not None:  # refused before anything is written
+            source_file = join(nnUNet_preprocessed, self.screener_from, self.plans_identifier + '.json')
+            recursive_fix_for_json_export(plans)  # then compared as JSON holds them (tuples as lists)
+            check_same_screener_input(json.loads(json.dumps(plans)), load_json(source_file), source_file)
+            plans['screener'][SCREENER_FROM] = self.screener_from
         # trainers read dataset.json from the preprocessed folder, as with nnU-Net's own planner
         shutil.copy(join(self.raw_dataset_folder, 'dataset.json'),
                     join(nnUNet_preprocessed, self.dataset_name, 'dataset.json'))

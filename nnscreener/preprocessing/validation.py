@@ -56,9 +56,15 @@ def resampled_shape(image: sitk.Image, target_spacing: Sequence[float]) -> np.nd
 
 
 def check_raw_ct_dataset(raw_folder: str, require_labels: bool, patch_size: Sequence[int] = None,
-                         target_spacing: Sequence[float] = None) -> Dict[str, dict]:
-    """Validates every image (and label) of a raw dataset; returns nnU-Net's {case: {'images', 'label'}} dict."""
+                         target_spacing: Sequence[float] = None, require_label_names: bool = False) -> Dict[str, dict]:
+    """Validates every image (and label) of a raw dataset; returns nnU-Net's {case: {'images', 'label'}} dict.
+
+    require_label_names: dataset.json must have "labels" (nnU-Net's trainers, the Screener stages among them, read
+    them from the planned dataset, even an image-only one)."""
     dataset_json = load_ct_dataset_json(raw_folder)
+    if require_label_names and 'labels' not in dataset_json:
+        raise ScreenerInputError(f'{join(raw_folder, "dataset.json")} has no "labels": nnU-Net\'s trainers need them; '
+                                 f'for an image-only dataset add "labels": {{"background": 0}}')
     if not isdir(join(raw_folder, 'imagesTr')):
         raise ScreenerInputError(f'{raw_folder}/imagesTr is missing')
     cases = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)

@@ -14,10 +14,11 @@ import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.planners.presets import PRESETS
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, check_same_screener_input
 from nnscreener.training.stage_trainer import SEED_ENV
 from nnscreener.training.stage_runs import StageRun, plan_stage_run
-from nnscreener.training.stages import PRETRAIN_FOLD, STAGE_TRAINERS, stage_checkpoint, stage_folder
+from nnscreener.training.stages import (PRETRAIN_FOLD, STAGE_TRAINERS, screener_dataset, stage_checkpoint,
+                                       stage_folder)
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
@@ -38,6 +39,9 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
     if unknown:
         raise ScreenerInputError(f'unknown stage(s) {unknown}; choose from {list(STAGE_TRAINERS)}')
     trainers = {**STAGE_TRAINERS, 'density': density_trainer or STAGE_TRAINERS['density']}
+    checkpoints = {s: stage_checkpoint(name, s, trainers[s]) for s in stages}
+    if screener_dataset(name) != name:
+        return _uses_screener_of(name, screener_dataset(name), checkpoints)
     if seed is not None:
         os.environ[SEED_ENV] = str(seed)
     for stage in [s for s in STAGE_TRAINERS if s in stages]:  # paper order, whatever order was typed
@@ -51,11 +55,26 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
         print(f'==== Screener stage: {stage} ({trainers[stage]})'
               + (f', continuing {run.resume_from}' if run.resume_from else '') + ' ====')
         run_stage(name, trainers[stage], run, torch.device(device), num_gpus)
-    return {s: stage_checkpoint(name, s, trainers[s]) for s in stages}
+    return checkpoints
 
 
 def _plans_file(name: str) -> str:
     return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+
+
+def _uses_screener_of(name: str, source: str, checkpoints: dict) -> dict:
+    """A dataset planned with --screener_from trains nothing: its checkpoints are the source's, whose distilled UNet
+    must fit its plans (the source may have been re-planned and retrained since)."""
+    distilled = stage_checkpoint(name, 'distillation')
+    source_plans = join(os.path.dirname(os.path.dirname(distilled)), 'plans.json')
+    if not isfile(distilled) or not isfile(source_plans):
+        raise ScreenerInputError(f'{name} uses the Screener of {source}, which is not pretrained yet: run '
+                                 f'nnScreener_pretrain -d {source}')
+    check_same_screener_input(load_json(_plans_file(name)), load_json(source_plans), source_plans)
+    print(f'{name}: this dataset uses the Screener of {source}: nothing to train. Fine-tune from its distilled UNet: '
+          f'nnUNetv2_train {name} {CONFIGURATION} FOLD -p {SCREENER_PLANS_NAME} -tr nnScreenerFinetuneTrainer '
+          f'-pretrained_weights {distilled}')
+    return checkpoints
 
 
 def _stage_trainer_class(trainer_name: str):

@@ -3,10 +3,13 @@
 Both differ from nnUNetTrainer only in the schedule, so a comparison isolates the pretraining. The distilled weights
 come in through stock `-pretrained_weights`; nnU-Net's loader skips the `seg_layers`, which are thus re-initialised.
 """
+from os.path import isdir
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnscreener.training.lr_schedule import WarmupDecayLRScheduler
+from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 
 
 class nnScreenerFromScratchTrainer(nnUNetTrainer):
@@ -16,9 +19,15 @@ class nnScreenerFromScratchTrainer(nnUNetTrainer):
     steps; it is used from scratch too so that only the initialisation differs.
     """
 
+    @exit_on_input_error  # nnUNetv2_train calls it: one line and exit code 2 instead of nnU-Net's late traceback
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if not isdir(self.preprocessed_dataset_folder):
+            raise ScreenerInputError(
+                f'{self.preprocessed_dataset_folder} missing: nothing to fine-tune on. An image-only dataset (no '
+                f'labelsTr) serves the Screener stages and nnScreener_predict only; a labeled one needs '
+                f'nnScreener_plan_and_preprocess -d {self.plans_manager.dataset_name} first')
         self.num_epochs = 300
         self.warmup_epochs = 20
 

@@ -1,15 +1,16 @@
 """Where each Screener stage lives in nnUNet_results, and loading finished stages as frozen modules."""
 import os
-from os.path import join
+from os.path import isfile, join
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnscreener.baselines.intensity import ConditionalHistogramDensity, IntensityDescriptor
 from nnscreener.density.factory import build_density_model
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
 
@@ -23,11 +24,22 @@ HISTOGRAM_MODEL = 'conditional_histogram'  # the intensity baseline's density (n
 PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to validate against
 
 
+def screener_dataset(dataset_name: str) -> str:
+    """The dataset whose pretrained Screener `dataset_name` uses: the one its plans name in `screener_from`
+    (nnScreener_plan_and_preprocess --screener_from), else itself (also when its plans are not at hand)."""
+    plans_file = join(os.environ.get('nnUNet_preprocessed', ''), dataset_name, SCREENER_PLANS_NAME + '.json')
+    if not os.environ.get('nnUNet_preprocessed') or not isfile(plans_file):
+        return dataset_name
+    return load_json(plans_file).get('screener', {}).get(SCREENER_FROM, dataset_name)
+
+
 def stage_folder(dataset_name: str, stage: str, trainer: str = None) -> str:
-    """Result folder of a stage; `trainer` names a variant (e.g. nnScreenerDensityTrainer_flow)."""
+    """Result folder of a stage of the Screener that `dataset_name` uses (its own, or that of its `screener_from`
+    dataset: every reader and writer of stage results finds them here); `trainer` names a variant (e.g.
+    nnScreenerDensityTrainer_flow)."""
     trainer = trainer or STAGE_TRAINERS[stage]
-    return join(os.environ['nnUNet_results'], dataset_name, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
-                f'fold_{PRETRAIN_FOLD}')
+    return join(os.environ['nnUNet_results'], screener_dataset(dataset_name),
+                f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}', f'fold_{PRETRAIN_FOLD}')
 
 
 def stage_checkpoint(dataset_name: str, stage: str, trainer: str = None) -> str:
