@@ -213,6 +213,9 @@ def test_predict_refuses_dataset_nnunet_and_foreign_folders_before_any_compute(r
         assert code == 2 and re.search(message, one_line_error(capsys)), out
     assert {root: folder_digest(root) for root in before} == before
     assert a_file.read_text() == 'x'
+    # the folder is checked before the model is even looked up (dataset 999 does not exist)
+    assert run_cli(monkeypatch, predict_entry, '-i', image, '-o', mine, '-d', 999, '-device', 'cpu') == 2
+    assert 'nnscreener did not write' in one_line_error(capsys)
     # the same predict into a new folder works, and a rerun into it (all files ours) too
     for _ in range(2):
         run_cli_ok(monkeypatch, predict_entry, '-i', image, '-o', tmp_path / 'maps', '-d', TARGET_ID, '--model',
@@ -292,7 +295,8 @@ def test_predict_continue_recomputes_maps_of_another_model_setting_or_input(in_p
     assert sorted(manifest['maps']) == list(cases)
     patches_per_run = run(model_b, 'B', step_size=1.0)  # another step size: other maps
     assert patches_per_run > 0 and run(model_b, 'B', step_size=1.0) == 0
-    shutil.copy(raw / 'imagesTr' / 'phantom_0002_0000.nii.gz', images / 'phantom_0001_0000.nii.gz')  # new scan
+    scan = sitk.ReadImage(str(images / 'phantom_0001_0000.nii.gz'))
+    sitk.WriteImage(scan + 50, str(images / 'phantom_0001_0000.nii.gz'))  # another scan, same size, same name
     assert 0 < run(model_b, 'B', step_size=1.0) < patches_per_run  # only that case is redone
 
 
