@@ -26,6 +26,12 @@ def f3(value) -> str:
     return '-' if value is None else f'{value:.3f}'
 
 
+def f3_sd(row: dict, metric: str) -> str:
+    """mean, with ± sd where the row has one over more than one seed"""
+    sd = row.get(metric + '_sd')
+    return f3(row.get(metric)) + (f' ± {sd:.3f}' if sd else '')
+
+
 def load(name: str):
     path = join(RESULTS, name)
     return json.load(open(path)) if isfile(path) else None
@@ -43,14 +49,14 @@ def phantom_section(result: dict) -> list:
              f"Preset `{result['preset']}`, training seeds {result['seeds']}, {settings['n_pretrain']} image-only "
              f"pretraining / {settings['n_test']} labeled test phantoms (phantom seed 0). "
              f"{machine_line(settings['machine'])}. Normal voxels, AUPRO's false positives, AP and Dice come from the "
-             f"patient's body (`nnScreener_evaluate -images`); mean over seeds. {settings.get('preset_note', '')}", '',
+             f"patient's body (`nnScreener_evaluate -images`); mean ± sample sd over seeds. {settings.get('preset_note', '')}", '',
              '| method | ' + ' | '.join(t for _, t in BODY_METRICS) + ' |', '|---' * (len(BODY_METRICS) + 1) + '|']
     for key, row in methods.items():
-        lines.append(f"| {row['method']} | " + ' | '.join(f3(row['all'][m]) for m, _ in BODY_METRICS) + ' |')
+        lines.append(f"| {row['method']} | " + ' | '.join(f3_sd(row['all'], m) for m, _ in BODY_METRICS) + ' |')
     lines += ['', '**Body AUROC per lesion type**', '', '| method | ' + ' | '.join(types) + ' |',
               '|---' * (len(types) + 1) + '|']
     for key, row in methods.items():
-        lines.append(f"| {row['method']} | " + ' | '.join(f3(row.get(t, {}).get('auroc_body')) for t in types) + ' |')
+        lines.append(f"| {row['method']} | " + ' | '.join(f3_sd(row.get(t, {}), 'auroc_body') for t in types) + ' |')
     if result['preset'] == 'cpu':  # the headline run's plot (phantom_benchmark.py writes it beside its JSON)
         lines += ['', '![body AUROC per lesion type](images/phantom_quality_auroc.png)']
     lines += ['', f"Distilled vs modular agreement, Pearson r over body voxels: "
@@ -115,12 +121,28 @@ def realct_section(result: dict) -> list:
                         f"body voxels in every scan.", '']
 
 
+def planted_section(result: dict) -> list:
+    settings = result['settings']
+    lines = ['### Planted lesion: does a map answer a lesion where it is? (`planted_lesion.json`)', '',
+             f"A {settings['sphere']} sphere planted in the soft tissue of {settings['cases']} test phantoms, models of "
+             f"the phantom benchmark's runs {settings['tags']}. {machine_line(settings['machine'])}. Rise = the "
+             f"sphere's mean map minus that of the same voxels without it, in sds of the body's map; body below = "
+             f"share of the body outside the sphere scoring below the sphere's mean (1: the top finding).", '',
+             '| method | cases with a rise | rise (body sds) | body below the sphere |', '|---|---|---|---|']
+    for row in result['methods'].values():
+        lines.append(f"| {row['method']} | {row['share_of_cases_with_a_rise']:.0%} of {row['n']} | "
+                     f"{f3(row['rise_in_sd']['mean'])} ± {f3(row['rise_in_sd']['sd'])} | "
+                     f"{f3(row['body_below_sphere']['mean'])} ± {f3(row['body_below_sphere']['sd'])} |")
+    return lines + ['']
+
+
 def main():
     text = open(DOC).read()
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', phantom_section), ('quality_vs_compute.json', curve_section),
-                          ('phantom_quality_cpu_wide.json', phantom_section), ('realct_quality.json', realct_section)):
+                          ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
+                          ('realct_quality.json', realct_section)):
         result = load(name)
         lines += section(result) if result else [f'`{name}`: not measured yet.', '']
     with open(DOC + '.tmp', 'w') as f:

@@ -7,11 +7,13 @@ import subprocess
 from os.path import join
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from conftest import TARGET_ID
 from nnscreener.inference.predict import predict
+from nnscreener.phantoms.planted import plant_sphere
 
 NAME = 'Dataset501_ScreenerPhantomLesions'
 
@@ -63,6 +65,52 @@ def test_evaluate_cli_on_modular_maps(pretrained_world, tmp_path):
         assert 0 <= summary[metric] <= 1, (metric, summary[metric])
 
 
+DISTILLATION_STEPS = 1200  # the tiny preset's 300 steps give a student that knows above/below the mean, not the top
+
+
+def test_distilled_map_ranks_the_teachers_top_voxels_high(pretrained_world, monkeypatch, tmp_path):
+    """The distilled UNet must keep the teacher's ranking where it matters, among the more anomalous voxels: over the
+    body voxels above the teacher's median, the student's map correlates with the teacher's (Spearman, mean over two
+    scans > 0.5), and the student's top 1 % holds more than 10 % of the teacher's top 1 % (chance: 1 %). A target
+    that saturates (clamped at its mean: measured 0.45 and 0.07 against 0.55 and 0.23) has no order above its clamp
+    and fails. The student is distilled anew, longer, from the pretrained world's teacher, in copies of its nnU-Net
+    folders."""
+    import shutil
+    from scipy.stats import spearmanr
+    from nnscreener.preprocessing.body import body_mask_of_image
+    from nnscreener.run.pretrain import pretrain
+    env, _ = pretrained_world
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    images, _ = _labeled_cases(env, n=2)
+    teacher_maps = [_map(r) for r in sorted(predict(images, str(tmp_path / 'modular'), TARGET_ID, 'modular', 'cpu'),
+                                            key=lambda r: r['case'])]
+    for folder in ('nnUNet_preprocessed', 'nnUNet_results'):
+        shutil.copytree(join(env[folder], NAME), tmp_path / folder / NAME,
+                        ignore=shutil.ignore_patterns('nnScreenerDistillationTrainer__*'))
+        monkeypatch.setenv(folder, str(tmp_path / folder))
+    plans_file = tmp_path / 'nnUNet_preprocessed' / NAME / 'nnScreenerPlans.json'
+    plans = json.load(open(plans_file))
+    plans['screener']['distillation']['num_steps'] = DISTILLATION_STEPS
+    json.dump(plans, open(plans_file, 'w'))
+    pretrain(TARGET_ID, stages=['distillation'], device='cpu')
+    student_maps = [_map(r) for r in sorted(predict(images, str(tmp_path / 'distilled'), TARGET_ID, 'distilled',
+                                                    'cpu'), key=lambda r: r['case'])]
+    rho_upper, top_overlap = [], []
+    for image, teacher, student in zip(images, teacher_maps, student_maps):
+        body = body_mask_of_image(sitk.ReadImage(image))
+        teacher, student = teacher[body], student[body]
+        upper = teacher >= np.median(teacher)
+        rho_upper.append(spearmanr(teacher[upper], student[upper])[0])
+        k = int(np.ceil(0.01 * teacher.size))
+        top_overlap.append(len(np.intersect1d(np.argsort(teacher)[-k:], np.argsort(student)[-k:])) / k)
+    assert np.mean(rho_upper) > 0.5 and np.mean(top_overlap) > 0.1, (rho_upper, top_overlap)
+
+
+def _map(record) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map']))
+
+
 def test_distilled_checkpoint_predicts_and_fine_tunes_in_stock_nnunet(pretrained_world, tmp_path):
     env, _ = pretrained_world
     run_env = {**os.environ, **env}
@@ -92,27 +140,8 @@ def test_distilled_checkpoint_predicts_and_fine_tunes_in_stock_nnunet(pretrained
     assert correlation > 0.8, correlation
 
 
-def test_density_variants_train_and_serve_the_modular_model(pretrained_world, monkeypatch, tmp_path):
-    from nnscreener.run.pretrain import pretrain
-    env, _ = pretrained_world
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    images, _ = _labeled_cases(env, n=1)
-    pretrain(TARGET_ID, stages=['density'], device='cpu', density_trainer='nnScreenerDensityTrainer_flow')
-    record, = predict(images, str(tmp_path / 'flow'), TARGET_ID, 'modular', 'cpu',
-                      density_trainer='nnScreenerDensityTrainer_flow')
-    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map']))
-    assert np.isfinite(anomaly).all() and anomaly.std() > 0
-    pretrain(TARGET_ID, stages=['density'], device='cpu', density_trainer='nnScreenerDensityTrainer_sincosGaussian')
-    record, = predict(images, str(tmp_path / 'sincos'), TARGET_ID, 'modular', 'cpu',
-                      density_trainer='nnScreenerDensityTrainer_sincosGaussian')
-    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map']))
-    assert np.isfinite(anomaly).all() and anomaly.std() > 0
-
-
 def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_world, monkeypatch, tmp_path):
     import shutil
-    import pytest
     from nnscreener.utilities.errors import ScreenerInputError
     env, _ = pretrained_world
     trainer_folder = 'nnScreenerDistillationTrainer__nnScreenerPlans__3d_fullres'
@@ -131,19 +160,38 @@ def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_w
     assert '\n' not in str(info.value)
 
 
-def _plant_hypodense_blob(image_file, out_file, radius_mm=6.0, hu=-500):
-    """Writes the CT with a -500 HU sphere in the middle of its soft tissue; returns the sphere and body masks."""
-    from scipy.ndimage import binary_erosion
-    image = sitk.ReadImage(image_file)
-    ct = sitk.GetArrayFromImage(image)
-    soft_tissue = np.argwhere(binary_erosion((ct > 0) & (ct < 120), iterations=3))
-    centre = soft_tissue[len(soft_tissue) // 2]
-    grid = np.indices(ct.shape).transpose(1, 2, 3, 0)
-    blob = (((grid - centre) * image.GetSpacing()[::-1]) ** 2).sum(-1) < radius_mm ** 2
-    planted = sitk.GetImageFromArray(np.where(blob, hu, ct).astype(ct.dtype))
-    planted.CopyInformation(image)
-    sitk.WriteImage(planted, out_file)
-    return blob, ct > -500
+def _maps_of_healthy_and_planted(images, planted_file, out, kind, trainer=None):
+    maps = []
+    for image, name in ((images[0], 'healthy_maps'), (planted_file, 'planted_maps')):
+        record, = predict([image], str(out / name), TARGET_ID, kind, 'cpu',
+                          density_trainer=trainer if kind == 'modular' else None)
+        maps.append(sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map'])))
+    return maps
+
+
+@pytest.mark.parametrize('trainer', [None, 'nnScreenerDensityTrainer_flow', 'nnScreenerDensityTrainer_sincosGaussian',
+                                     'nnScreenerDensityTrainer_marginalGaussian'])
+def test_density_variants_answer_a_planted_lesion_where_it_is(pretrained_world, monkeypatch, tmp_path, trainer):
+    """Every density model of the paper's ablation (on the same descriptor and condition models) is trained and served
+    by `nnScreener_predict`; a -500 HU sphere planted in soft tissue changes its map where the sphere is, far more than
+    15 mm away. Whether the change is a rise is not asserted here: at the tiny preset it is not reliably one (measured
+    in documentation/benchmarks.md); that every density model scores rare outliers high is tested in test_density.py,
+    and that the default model scores real phantom lesions above their surroundings above."""
+    from scipy.ndimage import distance_transform_edt
+    from nnscreener.run.pretrain import pretrain
+    env, _ = pretrained_world
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    images, _ = _labeled_cases(env, n=1)
+    blob, body = plant_sphere(images[0], str(tmp_path / 'planted_0000.nii.gz'))
+    if trainer is not None:  # the default density model was trained with the pretrained world
+        pretrain(TARGET_ID, stages=['density'], device='cpu', density_trainer=trainer)
+    healthy, planted = _maps_of_healthy_and_planted(images, str(tmp_path / 'planted_0000.nii.gz'), tmp_path, 'modular',
+                                                    trainer)
+    spacing = sitk.ReadImage(images[0]).GetSpacing()[::-1]
+    far = body & (distance_transform_edt(~blob, sampling=spacing) > 15)
+    change = np.abs(planted - healthy)
+    assert change[blob].mean() > 10 * change[far].mean(), (change[blob].mean(), change[far].mean())
 
 
 def test_benchmark_baselines_score_a_planted_lesion_high(pretrained_world, monkeypatch, tmp_path):
@@ -154,17 +202,13 @@ def test_benchmark_baselines_score_a_planted_lesion_high(pretrained_world, monke
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     images, _ = _labeled_cases(env, n=1)
-    blob, body = _plant_hypodense_blob(images[0], str(tmp_path / 'planted_0000.nii.gz'))
+    blob, body = plant_sphere(images[0], str(tmp_path / 'planted_0000.nii.gz'))
     runs = {'intensity': ('modular', 'nnScreenerDensityTrainer_intensity'),
             'autoencoder': ('autoencoder', 'nnScreenerAutoencoderTrainer')}
     for name, (kind, trainer) in runs.items():
         pretrain(TARGET_ID, stages=['density'], device='cpu', density_trainer=trainer)
-        maps = []
-        for image in (images[0], str(tmp_path / 'planted_0000.nii.gz')):
-            record, = predict([image], str(tmp_path / name / os.path.basename(image)), TARGET_ID, kind, 'cpu',
-                              density_trainer=trainer if kind == 'modular' else None)
-            maps.append(sitk.GetArrayFromImage(sitk.ReadImage(record['anomaly_map'])))
-        healthy, planted = maps
+        healthy, planted = _maps_of_healthy_and_planted(images, str(tmp_path / 'planted_0000.nii.gz'),
+                                                        tmp_path / name, kind, trainer)
         assert planted[blob].mean() > healthy[blob].mean(), name
         assert (planted[body & ~blob] < planted[blob].mean()).mean() > 0.75, name
     plans = json.load(open(join(env['nnUNet_results'], NAME, 'nnScreenerDensityTrainer_intensity__nnScreenerPlans__'

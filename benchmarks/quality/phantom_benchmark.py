@@ -159,15 +159,17 @@ def aggregate(per_seed: dict, methods) -> dict:
 
 
 def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
-    """benchmarks/results/phantom_quality.json: means over seeds, body-only, keyed as the issue asks."""
+    """benchmarks/results/phantom_quality.json: means (and `<metric>_sd`, sample sd) over the seeds scored so far,
+    body-only, keyed as the issue asks."""
     methods = {}
     for method, groups in table.items():
         key = RESULT_KEYS.get(method) or METHODS[method][1]
-        methods[key] = {('all' if g == ALL_LESIONS else g): {METRICS[m][1]: stats[m]['mean'] for m in METRICS}
-                        for g, stats in groups.items()}
+        methods[key] = {('all' if g == ALL_LESIONS else g): {
+            **{METRICS[m][1]: stats[m]['mean'] for m in METRICS},
+            **{METRICS[m][1] + '_sd': stats[m]['sd'] for m in METRICS}} for g, stats in groups.items()}
         methods[key]['method'] = method
     agreement = [r['distilled_vs_modular']['pearson_r_pooled'] for r in per_seed.values() if 'distilled_vs_modular' in r]
-    return {'preset': settings['preset'], 'seeds': settings['seeds'], 'methods': methods,
+    return {'preset': settings['preset'], 'seeds': sorted(per_seed), 'methods': methods,
             'distilled_vs_modular_pearson_r': mean_sd(agreement)['mean'], 'evaluation': 'body-only',
             'settings': settings}
 
