@@ -65,16 +65,16 @@ def test_evaluate_cli_on_modular_maps(pretrained_world, tmp_path):
         assert 0 <= summary[metric] <= 1, (metric, summary[metric])
 
 
-DISTILLATION_STEPS = 1200  # the tiny preset's 300 steps give a student that knows above/below the mean, not the top
+DISTILLATION_STEPS = 2400  # the tiny preset's 300 steps give a student that knows above/below the mean, not the top
 
 
 def test_distilled_map_ranks_the_teachers_top_voxels_high(pretrained_world, monkeypatch, tmp_path):
     """The distilled UNet must keep the teacher's ranking where it matters, among the more anomalous voxels: over the
     body voxels above the teacher's median, the student's map correlates with the teacher's (Spearman, mean over two
-    scans > 0.5), and the student's top 1 % holds more than 10 % of the teacher's top 1 % (chance: 1 %). A target
-    that saturates (clamped at its mean: measured 0.45 and 0.07 against 0.55 and 0.23) has no order above its clamp
-    and fails. The student is distilled anew, longer, from the pretrained world's teacher, in copies of its nnU-Net
-    folders."""
+    scans > 0.52), and the student's top 1 % holds more than 15 % of the teacher's top 1 % (chance: 1 %). Measured
+    (one thread): 0.59 and 0.26; with the target clamped at its mean (a saturating target, no order above the clamp)
+    0.48 and 0.08, which fails. The student is distilled anew, longer, from the pretrained world's teacher, in copies
+    of its nnU-Net folders."""
     import shutil
     from scipy.stats import spearmanr
     from nnscreener.preprocessing.body import body_mask_of_image
@@ -104,7 +104,7 @@ def test_distilled_map_ranks_the_teachers_top_voxels_high(pretrained_world, monk
         rho_upper.append(spearmanr(teacher[upper], student[upper])[0])
         k = int(np.ceil(0.01 * teacher.size))
         top_overlap.append(len(np.intersect1d(np.argsort(teacher)[-k:], np.argsort(student)[-k:])) / k)
-    assert np.mean(rho_upper) > 0.5 and np.mean(top_overlap) > 0.1, (rho_upper, top_overlap)
+    assert np.mean(rho_upper) > 0.52 and np.mean(top_overlap) > 0.15, (rho_upper, top_overlap)
 
 
 def _map(record) -> np.ndarray:
