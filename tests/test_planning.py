@@ -161,7 +161,7 @@ def _good_case(shape=(30, 64, 64)):
 
 
 @pytest.mark.parametrize('problem, expected', [
-    ('nan', 'NaN'), ('2d', '3D'), ('channels', 'CT channel'), ('corrupt', 'cannot read'), ('small', 'smaller than the patch'),
+    ('nan', 'NaN'), ('2d', '3D'), ('channels', 'CT channel'), ('corrupt', 'is corrupt'), ('small', 'smaller than the patch'),
 ])
 def test_bad_input_one_line_error_and_nothing_written(empty_world, problem, expected):
     raw = empty_world / 'nnUNet_raw'

@@ -145,7 +145,7 @@ def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_w
     from nnscreener.utilities.errors import ScreenerInputError
     env, _ = pretrained_world
     trainer_folder = 'nnScreenerDistillationTrainer__nnScreenerPlans__3d_fullres'
-    copy = tmp_path / NAME / trainer_folder
+    copy = tmp_path / 'nnUNet_results' / NAME / trainer_folder
     shutil.copytree(join(env['nnUNet_results'], NAME, trainer_folder), copy)
     plans = json.load(open(copy / 'plans.json'))
     arch = plans['configurations']['3d_fullres']['architecture']['arch_kwargs']
@@ -153,7 +153,7 @@ def test_checkpoint_that_does_not_fit_the_plans_is_a_one_line_error(pretrained_w
     json.dump(plans, open(copy / 'plans.json', 'w'))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'nnUNet_results'))
     images, _ = _labeled_cases(env, n=1)
     with pytest.raises(ScreenerInputError, match='does not fit its plans') as info:
         predict(images, str(tmp_path / 'maps'), TARGET_ID, 'distilled', 'cpu')
