@@ -84,8 +84,10 @@ def test_corrupt_or_short_gzip_payloads_and_nifti2_are_checked(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(array), raw, False)
     data = Path(raw).read_bytes()
     (tmp_path / 'short.nii.gz').write_bytes(gzip.compress(data[:len(data) // 2]))  # a complete gzip of half a NIfTI
-    with pytest.raises(ScreenerInputError, match='short.nii.gz is truncated: its header describes'):
-        read_image(str(tmp_path / 'short.nii.gz'))
+    (tmp_path / 'plain.nii.gz').write_bytes(data[:len(data) // 2])  # half a plain NIfTI named .nii.gz: it reads
+    for name in ('short', 'plain'):
+        with pytest.raises(ScreenerInputError, match=f'{name}.nii.gz is truncated: its header describes'):
+            read_image(str(tmp_path / f'{name}.nii.gz'))
     packed = bytearray(gzip.compress(data))
     packed[-8] ^= 0xFF  # the stored CRC32
     (tmp_path / 'crc.nii.gz').write_bytes(bytes(packed))

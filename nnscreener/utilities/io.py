@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from nnscreener.utilities.errors import ScreenerInputError
 
+GZIP_MAGIC = b'\x1f\x8b'
 TMP_PREFIX = '.tmp_'  # atomic_path's temporary files: what a killed process may leave behind
 CHUNK_BYTES = 1 << 20  # streaming reads (gzip check, hashes) hold one chunk at a time
 # NIfTI-1 / NIfTI-2 single-file headers: (sizeof_hdr, magic offset, magic, dim format, dim offset, bitpix offset,
@@ -89,17 +90,14 @@ def read_image(fname: str) -> sitk.Image:
 def check_image_complete(fname: str) -> None:
     """Refuses a NIfTI file (.nii.gz, .nii) that holds less voxel data than its header describes, or whose gzip
     stream is cut short or fails its CRC/length check: SimpleITK reads such a file without complaint and fills the
-    missing slices with zeros. .nii.gz is decompressed in chunks (one chunk in memory). Other formats are left to
-    SimpleITK, which refuses incomplete MetaImage (.mha) and NRRD data itself."""
-    name = fname.lower()
-    if name.endswith('.nii.gz'):
-        head, size = _gunzipped_head_and_size(fname)
-    elif name.endswith('.nii'):
-        with open(fname, 'rb') as f:
-            head = f.read(NIFTI_HEADERS[1][0])
-        size = os.path.getsize(fname)
-    else:
+    missing slices with zeros. A gzip stream is decompressed in chunks (one chunk in memory). Files that are no
+    NIfTI and other formats are left to SimpleITK: it refuses them, and incomplete MetaImage (.mha) and NRRD data."""
+    if not fname.lower().endswith(('.nii', '.nii.gz')):
         return
+    with open(fname, 'rb') as f:
+        head = f.read(NIFTI_HEADERS[1][0])
+    # by content, not by name, as SimpleITK's NIfTI reader does: a .nii.gz may hold a plain NIfTI, and vice versa
+    head, size = _gunzipped_head_and_size(fname) if head.startswith(GZIP_MAGIC) else (head, os.path.getsize(fname))
     expected = nifti_file_size(head)
     if expected is not None and size < expected:
         raise ScreenerInputError(f'{fname} is truncated: its header describes {expected} bytes of NIfTI, the file '
