@@ -38,9 +38,12 @@ def folder_digest(folder) -> dict:
 
 
 def one_line_error(capsys) -> str:
+    """The error line, the last of stderr (a progress bar it interrupted may stand above it); no traceback."""
     err = capsys.readouterr().err.strip()
-    assert err.startswith('nnScreener error: ') and '\n' not in err, err
-    return err
+    assert 'Traceback' not in err and err.count('nnScreener error: ') == 1, err
+    line = err.splitlines()[-1]
+    assert line.startswith('nnScreener error: '), err
+    return line
 
 
 def run_cli(monkeypatch, entry, *args):

@@ -8,7 +8,6 @@ NaN Dice: nnU-Net writes NaN when reference and prediction are both empty and av
 ignores such cases. We follow that: a (fold, case) pair is left out of a label's comparison when either trainer's
 Dice is NaN, so both means and the test use the same cases (the count left out is reported).
 """
-import argparse
 import json
 import math
 import os
@@ -19,9 +18,11 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from nnscreener.evaluation.evaluate import json_ready
+from nnscreener.finetuning.lowshot_splits import SPLITS_FILE
+from nnscreener.utilities.cli import argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
-from nnscreener.utilities.output_folder import check_output_folder, claim_outputs
+from nnscreener.utilities.output_folder import check_output_folder, claim_outputs, output_folder_lock
 from nnscreener.utilities.paths import dataset_name, require_env
 
 OUTPUT_BASENAME = 'comparison'
@@ -41,10 +42,46 @@ def _load_fold_dice(path: str, train_command: str) -> Dict[str, Dict[str, float]
     if not os.path.isfile(path):
         raise ScreenerInputError(f'{path} not found: train and validate this fold with `{train_command}` '
                                  f'(add --val if training already finished)')
-    with open(path) as f:
-        summary = json.load(f)  # nnU-Net writes NaN literals, which json accepts
-    return {_case_id(entry['reference_file']): {label: metrics['Dice'] for label, metrics in entry['metrics'].items()}
-            for entry in summary['metric_per_case']}
+    try:
+        with open(path) as f:
+            summary = json.load(f)  # nnU-Net writes NaN literals, which json accepts
+        return {_case_id(entry['reference_file']): {label: metrics['Dice']
+                                                    for label, metrics in entry['metrics'].items()}
+                for entry in summary['metric_per_case']}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ScreenerInputError(f'{path} is truncated or not an nnU-Net validation summary ({type(e).__name__}: '
+                                 f'{str(e)[:80]}): re-create it with `{train_command} --val`')
+
+
+def _check_fold_cases(fold_cases: Dict[int, List[str]], trainer: str, dataset: str) -> None:
+    """Each fold's summary must hold exactly that fold's validation cases of splits_final.json, or, where that file
+    is not at hand, cases no other fold holds (the folds partition the dataset): a summary copied from another fold
+    would otherwise enter the test twice and halve its p-value."""
+    splits_file = os.path.join(os.environ.get('nnUNet_preprocessed', ''), dataset, SPLITS_FILE)
+    splits = _load_splits(splits_file) if os.path.isfile(splits_file) else None
+    seen = {}
+    for fold, cases in fold_cases.items():
+        expected = None if splits is None or fold >= len(splits) else sorted(splits[fold]['val'])
+        if expected is not None and sorted(cases) != expected:
+            raise ScreenerInputError(f'{trainer} fold_{fold}: its validation summary holds {len(cases)} cases that '
+                                     f'are not the {len(expected)} validation cases of fold {fold} in {splits_file} '
+                                     f'(a summary copied from another fold, or trained with other splits?): '
+                                     f're-validate that fold with nnUNetv2_train ... --val')
+        for case in cases:
+            if case in seen:
+                raise ScreenerInputError(f'{trainer}: case {case} is in the validation summaries of fold_{seen[case]} '
+                                         f'and fold_{fold}, but the folds must partition the cases (a summary '
+                                         f'copied from another fold?): re-validate them with nnUNetv2_train ... --val')
+            seen[case] = fold
+
+
+def _load_splits(splits_file: str) -> List[Dict]:
+    try:
+        with open(splits_file) as f:
+            return [{'val': list(fold['val'])} for fold in json.load(f)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ScreenerInputError(f'{splits_file} is damaged ({type(e).__name__}): re-create it '
+                                 f'(nnScreener_lowshot_splits, or nnUNetv2_train writes the default one)')
 
 
 def _label_names(trainer_folder: str) -> Dict[str, str]:
@@ -78,21 +115,22 @@ def paired_dice_test(dice_a: Sequence[float], dice_b: Sequence[float]) -> Dict:
 
 def _format_change(row: Dict) -> str:
     if math.isnan(row['relative_change_percent']):
-        return f"{row['mean_dice_b']:.2f}"
+        return f"{row['mean_dice_b']:.3f}"
     arrow = '↑' if row['relative_change_percent'] >= 0 else '↓'
     p = row['p_value']
     p_text = 'p n/a' if math.isnan(p) else ('p < 0.01' if p < 0.01 else f'p = {p:.2f}')
-    return f"{row['mean_dice_b']:.2f} {arrow} {abs(row['relative_change_percent']):.0f}% ({p_text})"
+    return f"{row['mean_dice_b']:.3f} {arrow} {abs(row['relative_change_percent']):.0f}% ({p_text})"
 
 
-def _markdown_table(result: Dict) -> str:
+def markdown_table(result: Dict) -> str:
+    """The Table 2 style comparison.md of a compare_trainers result: mean Dice (3 decimals), change and p-value."""
     rows = list(result['labels'].values())
     counts = ', '.join(f"{row['name']}: {row['n_pairs']} paired cases"
                        + (f" ({row['n_excluded_nan']} with NaN Dice left out)" if row['n_excluded_nan'] else '')
                        for row in rows)
     lines = ['| Model | ' + ' | '.join(row['name'] for row in rows) + ' |',
              '|' + ' --- |' * (len(rows) + 1),
-             f"| {result['trainer_a']} | " + ' | '.join(f"{row['mean_dice_a']:.2f}" for row in rows) + ' |',
+             f"| {result['trainer_a']} | " + ' | '.join(f"{row['mean_dice_a']:.3f}" for row in rows) + ' |',
              f"| {result['trainer_b']} | " + ' | '.join(_format_change(row) for row in rows) + ' |']
     return (f"Dice of {result['trainer_b']} vs {result['trainer_a']} ({result['dataset']}, {result['plans']}, "
             f"{result['configuration']}, folds {', '.join(map(str, result['folds']))}); relative change and two-sided "
@@ -152,11 +190,13 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
     dice = {}
     for trainer in (trainer_a, trainer_b):
         folder = _trainer_folder(results_folder, trainer, plans, configuration)
-        dice[trainer] = {}
+        dice[trainer], fold_cases = {}, {}
         for fold in folds:
             command = f'nnUNetv2_train {dataset} {configuration} {fold} -p {plans} -tr {trainer}'
             fold_dice = _load_fold_dice(os.path.join(folder, f'fold_{fold}', 'validation', 'summary.json'), command)
             dice[trainer].update({(fold, case): values for case, values in fold_dice.items()})
+            fold_cases[fold] = list(fold_dice)
+        _check_fold_cases(fold_cases, trainer, os.path.basename(results_folder))
     keys = _paired_cases(dice[trainer_a], dice[trainer_b], trainer_a, trainer_b)
     label_keys = sorted({label for values in dice[trainer_a].values() for label in values})
     names = _label_names(_trainer_folder(results_folder, trainer_a, plans, configuration))
@@ -170,15 +210,17 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
     result = {'dataset': os.path.basename(results_folder), 'plans': plans, 'configuration': configuration,
               'folds': list(folds), 'trainer_a': trainer_a, 'trainer_b': trainer_b, 'labels': labels}
 
-    if output_folder is None:
+    user_folder = output_folder is not None
+    if not user_folder:
         output_folder = os.path.join(results_folder, f'compare__{trainer_a}__vs__{trainer_b}__{plans}__{configuration}')
-    else:
-        claim_outputs(output_folder, outputs)
-    markdown = _markdown_table(result)
+    markdown = markdown_table(result)
     md_file, json_file, png_file = (os.path.join(output_folder, name) for name in outputs)
-    atomic_save_text(markdown, md_file)
-    atomic_save_json(json_ready(result), json_file)
-    _save_paired_plot(result, png_file)
+    with output_folder_lock(output_folder):
+        if user_folder:
+            claim_outputs(output_folder, outputs)
+        atomic_save_text(markdown, md_file)
+        atomic_save_json(json_ready(result), json_file)
+        _save_paired_plot(result, png_file)
     if verbose:
         print(markdown + f'\nwritten to {output_folder}')
     return result
@@ -186,8 +228,8 @@ def compare_trainers(dataset: Union[int, str], trainer_a: str, trainer_b: str, p
 
 @exit_on_input_error
 def compare_entry():
-    parser = argparse.ArgumentParser(description='Paired per-case Dice comparison of two nnU-Net trainers on the same '
-                                                 'folds (mean Dice, relative change, Wilcoxon signed-rank p-value).')
+    parser = argument_parser('Paired per-case Dice comparison of two nnU-Net trainers on the same '
+                             'folds (mean Dice, relative change, Wilcoxon signed-rank p-value).')
     parser.add_argument('-d', required=True, help='dataset id or name')
     parser.add_argument('-p', default='nnScreenerPlans', help='plans identifier (default: nnScreenerPlans)')
     parser.add_argument('-a', required=True, help='reference trainer A, e.g. nnScreenerFromScratchTrainer')

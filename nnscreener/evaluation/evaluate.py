@@ -9,7 +9,6 @@ With the CTs (`-images`), every metric is computed in the patient's body (`body_
 body-cropped space: the air around the patient and the table are never "normal" voxels. Without them the whole
 image grid counts, air included (easy negatives that inflate AUROC and AUPRO).
 """
-import argparse
 import csv
 import io
 import math
@@ -25,11 +24,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from nnscreener.evaluation.metrics import (aupro_from_counts, auroc_up_to_fpr, best_threshold_from_curves,
                                            dice_at_thresholds, dice_candidates, pooled_sampled_auroc, pro_counts,
                                            pro_thresholds, sample_voxels)
-from nnscreener.inference.manifest import listed_maps
+from nnscreener.inference.manifest import PREDICTIONS, listed_maps
 from nnscreener.preprocessing.body import body_mask_of_image
+from nnscreener.utilities.cli import argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_save_json, atomic_save_text, read_image
-from nnscreener.utilities.output_folder import MANIFEST_FILE, check_output_folder, claim_outputs
+from nnscreener.utilities.output_folder import (MANIFEST_FILE, check_output_folder, claim_outputs, load_manifest,
+                                                 output_folder_lock)
 
 PER_CASE_FILE = 'metrics_per_case.csv'
 SUMMARY_FILE = 'summary.json'
@@ -56,7 +57,9 @@ def _case_names(pred_folder: str, ref_folder: str, file_ending: str) -> List[str
     for name, folder in (('anomaly map', pred_folder), ('reference', ref_folder)):
         if not os.path.isdir(folder):
             raise ScreenerInputError(f'{name} folder {folder} does not exist')
-    present = sorted(f[:-len(file_ending)] for f in os.listdir(pred_folder) if f.endswith(file_ending))
+    # dot-files are no maps: among them the temporary files a killed predict may have left
+    present = sorted(f[:-len(file_ending)] for f in os.listdir(pred_folder)
+                     if f.endswith(file_ending) and not f.startswith('.'))
     listed = listed_maps(pred_folder)
     cases = present if listed is None else sorted(c for c, f in listed[0].items() if f == c + file_ending)
     if listed is not None:
@@ -105,9 +108,14 @@ def _check_same_geometry(case: str, score_image: sitk.Image, ref_image: sitk.Ima
               ('direction', score_image.GetDirection(), ref_image.GetDirection(), 1e-4))
     for what, got, expected, tolerance in checks:
         if len(got) != len(expected) or not np.allclose(got, expected, rtol=0, atol=tolerance):
-            raise ScreenerInputError(f'case {case}: anomaly map {what} {tuple(np.round(got, 4))} differs from the '
-                                     f'{other} {what} {tuple(np.round(expected, 4))}; maps must be on the grid '
+            raise ScreenerInputError(f'case {case}: anomaly map {what} {_rounded(got)} differs from the '
+                                     f'{other} {what} {_rounded(expected)}; maps must be on the grid '
                                      f'of the reference masks and CTs (predict them from the same images)')
+
+
+def _rounded(values) -> tuple:
+    """SimpleITK's sizes (int) and spacings (float) as plain numbers for a message."""
+    return tuple(round(v, 4) if isinstance(v, float) else v for v in values)
 
 
 def _read_case(pred_folder: str, ref_folder: str, case: str, file_ending: str, image_file: Optional[str] = None,
@@ -150,6 +158,7 @@ def _per_case_csv(rows: List[Dict]) -> str:
 
 def _print_summary(summary: Dict) -> None:
     region = summary['settings']['region']
+    print(f"Anomaly-map metrics of {_maps_model(summary['settings']['pred_folder'])}:")
     lines = [('cases (pathological / normal)', f"{summary['n_pathological']} / {summary['n_normal']}"),
              ('region', 'body (normal voxels inside the patient)' if region == 'body' else
               'whole image (air counts as normal)'),
@@ -161,6 +170,15 @@ def _print_summary(summary: Dict) -> None:
              ('Dice (held-out cases)', f"{summary['dice_mean']:.3f} +- {summary['dice_std']:.3f}")]
     width = max(len(k) for k, _ in lines)
     print('\n'.join(f'{k:<{width}}  {v}' for k, v in lines))
+
+
+def _maps_model(pred_folder: str) -> str:
+    """The model that made the maps, as their predict manifest records it, and where they are."""
+    model = load_manifest(pred_folder).get(PREDICTIONS, {}).get('model') or {}
+    if 'model' not in model:  # maps from elsewhere
+        return f'the maps in {pred_folder}'
+    variant = f" ({model['density_trainer']})" if model.get('density_trainer') else ''
+    return f"the {model['model']}{variant} model of {model.get('dataset')}, maps in {pred_folder}"
 
 
 def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Optional[str] = None,
@@ -273,9 +291,10 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
                      'region': 'body' if use_body else 'whole_image',
                      'images_folder': os.path.abspath(images_folder) if use_body else None},
     }
-    claim_outputs(output_folder, outputs)
-    atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
-    atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
+    with output_folder_lock(output_folder):  # the default output folder is the maps folder a predict may hold
+        claim_outputs(output_folder, outputs)
+        atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
+        atomic_save_json(json_ready(summary), os.path.join(output_folder, SUMMARY_FILE))
     if verbose:
         _print_summary(summary)
     return summary
@@ -283,9 +302,9 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
 
 @exit_on_input_error
 def evaluate_entry():
-    parser = argparse.ArgumentParser(description='Evaluate Screener anomaly maps against pathology masks: voxel AUROC '
-                                                 '(sampled, pooled), AUROC/AUPRO up to FPR 0.3, AP, Dice at a '
-                                                 'threshold fixed on a few pathological cases.')
+    parser = argument_parser('Evaluate Screener anomaly maps against pathology masks: voxel AUROC '
+                             '(sampled, pooled), AUROC/AUPRO up to FPR 0.3, AP, Dice at a '
+                             'threshold fixed on a few pathological cases.')
     parser.add_argument('-pred', required=True, help='folder with <case>.nii.gz float anomaly maps')
     parser.add_argument('-ref', required=True, help='folder with <case>.nii.gz reference masks (> 0 = pathology)')
     parser.add_argument('-o', default=None, help='output folder for metrics_per_case.csv and summary.json '

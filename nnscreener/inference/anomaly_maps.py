@@ -6,7 +6,7 @@ from a trained model folder is `predict.py`'s job.
 import csv
 import io
 import os
-from os.path import abspath, basename, isdir, isfile, join
+from os.path import abspath, basename, isdir, isfile, join, normpath
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
@@ -24,8 +24,8 @@ from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
 from nnscreener.preprocessing.validation import check_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
-from nnscreener.utilities.io import atomic_path, atomic_save_json, read_image
-from nnscreener.utilities.output_folder import check_output_folder
+from nnscreener.utilities.io import atomic_path, atomic_save_json, dicom_series_id, read_image
+from nnscreener.utilities.output_folder import check_output_folder, output_folder_lock
 
 CT_FILE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha')  # what SimpleITK reads and nnU-Net's SimpleITKIO accepts
 NNUNET_CHANNEL_SUFFIX = '_0000'
@@ -101,13 +101,16 @@ def map_to_input_geometry(anomaly_map: np.ndarray, properties: dict, plans_manag
     return np.ascontiguousarray(full.transpose(plans_manager.transpose_backward))
 
 
-def write_anomaly_map(anomaly_map: np.ndarray, reference_image_file: str, output_file: str) -> None:
-    """float32 NIfTI with exactly the reference CT's size, spacing, origin and direction; written atomically."""
-    reference = sitk.ImageFileReader()
-    reference.SetFileName(reference_image_file)
-    reference.ReadImageInformation()  # header only: no second read of the voxels
+def write_anomaly_map(anomaly_map: np.ndarray, reference: Union[str, sitk.Image], output_file: str) -> None:
+    """float32 NIfTI with exactly the reference CT's size, spacing, origin and direction; written atomically.
+    reference: the CT as read (e.g. a DICOM series, which has no single file to take a header from) or a CT file."""
+    if isinstance(reference, str):
+        header = sitk.ImageFileReader()
+        header.SetFileName(reference)
+        header.ReadImageInformation()  # header only: no second read of the voxels
+        reference = header  # has the image's GetSize / GetSpacing / GetOrigin / GetDirection
     if tuple(anomaly_map.shape[::-1]) != reference.GetSize():
-        raise ValueError(f'map shape {anomaly_map.shape} (z, y, x) does not match {reference_image_file} '
+        raise ValueError(f'map shape {anomaly_map.shape} (z, y, x) does not match the CT\'s size '
                          f'{reference.GetSize()} (x, y, z)')
     image = sitk.GetImageFromArray(anomaly_map.astype(np.float32, copy=False))
     image.SetSpacing(reference.GetSpacing())
@@ -129,24 +132,24 @@ def scan_score(map_raw: np.ndarray, body: Optional[np.ndarray] = None,
 
 
 def find_ct_files(input_files_or_folder: Union[str, Sequence[str]]) -> Dict[str, str]:
-    """{case: file} for a folder of CTs or a list of files; nnU-Net style `<case>_0000.nii.gz` becomes `<case>`."""
-    if isinstance(input_files_or_folder, str) and isdir(input_files_or_folder):
-        folder = input_files_or_folder
-        files = [join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(CT_FILE_ENDINGS)
-                 and not f.startswith('.')]
-        if not files:
-            raise ScreenerInputError(f'{folder} contains no CT files ({", ".join("*" + e for e in CT_FILE_ENDINGS)})')
+    """{case: CT file or DICOM series folder} of predict's inputs:
+
+    - a folder holding DICOM slices is one series, its case the folder's name;
+    - any other folder is a folder of cases: its CT files (`*.nii.gz`, `*.nii`, `*.mha`, `*.nrrd`) and its
+      subfolders holding a DICOM series (one level deep; subfolders without DICOM files are ignored);
+    - a list holds CT files and series folders.
+    nnU-Net style `<case>_0000.nii.gz` becomes `<case>`. A folder holding several series is refused (one series per
+    folder), so is one holding DICOM slices beside CT files (which would be ignored)."""
+    inputs = [input_files_or_folder] if isinstance(input_files_or_folder, str) else list(input_files_or_folder)
+    if not inputs:
+        raise ScreenerInputError('no input CT files given')
+    if len(inputs) == 1 and isdir(inputs[0]) and dicom_series_id(inputs[0]) is None:
+        inputs = _folder_of_cases(inputs[0])
     else:
-        files = [input_files_or_folder] if isinstance(input_files_or_folder, str) else list(input_files_or_folder)
-        if not files:
-            raise ScreenerInputError('no input CT files given')
-        for f in files:
-            if not isfile(f):
-                raise ScreenerInputError(f'{f} does not exist (give CT files or one folder of them)')
-            if not f.endswith(CT_FILE_ENDINGS):
-                raise ScreenerInputError(f'{f} is not a CT file ({", ".join("*" + e for e in CT_FILE_ENDINGS)})')
+        for f in inputs:
+            _check_input(f)
     cases = {}
-    for f in files:
+    for f in inputs:
         case = case_name(f)
         if case in cases:
             raise ScreenerInputError(f'{cases[case]} and {f} are both case {case}: one CT channel per case only; '
@@ -155,10 +158,51 @@ def find_ct_files(input_files_or_folder: Union[str, Sequence[str]]) -> Dict[str,
     return cases
 
 
-def case_name(image_file: str) -> str:
-    name = basename(image_file)
-    name = name[:-len(next(e for e in CT_FILE_ENDINGS if name.endswith(e)))]
-    return name[:-len(NNUNET_CHANNEL_SUFFIX)] if name.endswith(NNUNET_CHANNEL_SUFFIX) else name
+def _ct_files(folder: str) -> List[str]:
+    return [join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(CT_FILE_ENDINGS)
+            and not f.startswith('.') and isfile(join(folder, f))]
+
+
+def _folder_of_cases(folder: str) -> List[str]:
+    """The CT files and the series subfolders of a folder that is no series itself."""
+    subfolders = [join(folder, f) for f in sorted(os.listdir(folder)) if not f.startswith('.')
+                  and isdir(join(folder, f))]
+    inputs = _ct_files(folder) + [f for f in subfolders if dicom_series_id(f) is not None]
+    if not inputs:
+        raise ScreenerInputError(f'{folder} contains no CT files ({", ".join("*" + e for e in CT_FILE_ENDINGS)}) and '
+                                 f'no subfolder holding a DICOM series (searched one level deep)')
+    return sorted(inputs)
+
+
+def _check_input(path: str) -> None:
+    """A CT file, or a folder holding one DICOM series and no CT files."""
+    if isdir(path):
+        if dicom_series_id(path) is None:
+            raise ScreenerInputError(f'{path} holds no DICOM series: give CT files, folders each holding one DICOM '
+                                     f'series, or one folder of them')
+        if _ct_files(path):
+            raise ScreenerInputError(f'{path} holds DICOM slices and CT files ({basename(_ct_files(path)[0])}, ...), '
+                                     f'which would be ignored: move the series into a subfolder of its own')
+    elif not isfile(path):
+        raise ScreenerInputError(f'{path} does not exist (give CT files, DICOM series folders or one folder of them)')
+    elif not path.endswith(CT_FILE_ENDINGS):
+        raise ScreenerInputError(f'{path} is not a CT file ({", ".join("*" + e for e in CT_FILE_ENDINGS)}) or a '
+                                 f'DICOM series folder')
+
+
+def case_name(path: str) -> str:
+    """A series folder's name; a CT file's name without its ending and nnU-Net's `_0000`. A name that is empty or
+    starts with a dot (`_0000.nii.gz`, `..nii.gz`: the map would have no name or be a hidden file) is refused."""
+    if isdir(path):
+        name = basename(normpath(abspath(path)))
+    else:
+        name = basename(path)
+        name = name[:-len(next(e for e in CT_FILE_ENDINGS if name.endswith(e)))]
+        name = name[:-len(NNUNET_CHANNEL_SUFFIX)] if name.endswith(NNUNET_CHANNEL_SUFFIX) else name
+    if not name or name.startswith('.'):
+        raise ScreenerInputError(f'{path} gives the case name {name!r}, so its map {name + MAP_ENDING!r} would be '
+                                 f'nameless or hidden: rename it (e.g. to case_001_0000.nii.gz)')
+    return name
 
 
 def body_anomaly_map(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyModel, step_size: float = 0.5,
@@ -180,51 +224,65 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
                          configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
                          batch_size: int = 4, overlays: int = 0, continue_: bool = False,
                          model_name: Optional[str] = None, reference_folder: Optional[str] = None,
-                         model_identity: Optional[dict] = None) -> List[dict]:
+                         model_identity: Optional[dict] = None, allow_non_hu: bool = False) -> List[dict]:
     """Anomaly map `<case>.nii.gz` for every CT, plus `scores.csv` / `scores.json` and, for the `overlays`
     highest-scoring scans, `overlays/<case>.png`. Returns the score records. The overlays are titled
     '<case> - <model_name>' and show the contour of `reference_folder/<case>.nii.gz` where that mask exists.
 
     The output folder must be new or hold only files of nnscreener (`check_output_folder`); its manifest records
     `model_identity` (default: the model name) with the step size, the inputs and their maps (`PredictionRun`).
-    Fails fast: the first unreadable or invalid CT stops the run with one line naming the file. Maps already written
+    Fails fast: the first unreadable or invalid CT (`check_ct_image`, with `allow_non_hu`) stops the run with one
+    line naming the file. Maps already written
     stay; `continue_` keeps the maps the manifest lists as this model's map of the same input (their scores are
     recomputed from them) and recomputes the others.
     """
     if not 0 < step_size <= 1 or batch_size < 1:
         raise ScreenerInputError(f'step_size must be in (0, 1] and batch_size >= 1, got {step_size} and {batch_size}')
     cases = find_ct_files(input_files_or_folder)
-    manifest = check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
-    identity = {**(model_identity or {'model': model_name or type(model).__name__}), 'step_size': step_size}
-    outputs = {case: case + MAP_ENDING for case in cases}
-    run = PredictionRun(output_folder, manifest, cases, outputs, identity, continue_)
-    run.claim((SCORES_CSV, SCORES_JSON))
-    records = []
-    for case, image_file in tqdm(cases.items(), desc='anomaly maps'):
-        image = read_image(image_file)
-        check_ct_image(image, image_file)
-        map_file = join(output_folder, outputs[case])
-        map_raw = _existing_map(map_file, image) if case in run.maps_to_keep else None
-        if map_raw is None:
-            stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
-                                                          with_clahe=getattr(model, 'uses_clahe', True))
-            anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
-            map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
-            write_anomaly_map(map_raw, image_file, map_file)
-            run.record_map(case, outputs[case])
-        records.append({'case': case, 'scan_score': scan_score(map_raw, body_mask_of_image(image)),
-                        'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
-                        'image': abspath(image_file), 'anomaly_map': abspath(map_file)})
-    save_scores(records, output_folder)
-    shown = sorted(records, key=lambda r: -r['scan_score'])[:overlays]
+    with output_folder_lock(output_folder, (OVERLAY_FOLDER,)):
+        manifest = check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
+        identity = {**(model_identity or {'model': model_name or type(model).__name__}), 'step_size': step_size}
+        outputs = {case: case + MAP_ENDING for case in cases}
+        run = PredictionRun(output_folder, manifest, cases, outputs, identity, continue_)
+        run.claim((SCORES_CSV, SCORES_JSON))
+        records = [_case_map_and_scores(case, image_file, run, model, plans_manager, configuration_manager,
+                                        dataset_json, step_size, batch_size, allow_non_hu)
+                   for case, image_file in tqdm(cases.items(), desc=f'anomaly maps ({model_name or "model"})')]
+        save_scores(records, output_folder)
+        _save_overlays(sorted(records, key=lambda r: -r['scan_score'])[:overlays], run, reference_folder, model_name)
+    return records
+
+
+def _case_map_and_scores(case: str, image_file: str, run: PredictionRun, model: PatchAnomalyModel,
+                         plans_manager: PlansManager, configuration_manager: ConfigurationManager, dataset_json: dict,
+                         step_size: float, batch_size: int, allow_non_hu: bool) -> dict:
+    """The case's map (kept if `run` vouches for the existing one, else computed and written) -> its score record."""
+    image = read_image(image_file)
+    check_ct_image(image, image_file, allow_non_hu=allow_non_hu)
+    map_file = join(run.folder, run.outputs[case])
+    map_raw = _existing_map(map_file, image) if case in run.maps_to_keep else None
+    if map_raw is None:
+        stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
+                                                      with_clahe=getattr(model, 'uses_clahe', True))
+        anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
+        map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
+        write_anomaly_map(map_raw, image, map_file)
+        run.record_map(case, run.outputs[case])
+    return {'case': case, 'scan_score': scan_score(map_raw, body_mask_of_image(image)),
+            'map_max': float(map_raw.max()), 'map_mean': float(map_raw.mean()),
+            'image': abspath(image_file), 'anomaly_map': abspath(map_file)}
+
+
+def _save_overlays(shown: List[dict], run: PredictionRun, reference_folder: Optional[str],
+                   model_name: Optional[str]) -> None:
+    """overlays/<case>.png of the `shown` records, with the reference contour where `reference_folder` has a mask."""
     run.claim(join(OVERLAY_FOLDER, r['case'] + '.png') for r in shown)
     for record in shown:
-        out_png = join(output_folder, OVERLAY_FOLDER, record['case'] + '.png')
+        out_png = join(run.folder, OVERLAY_FOLDER, record['case'] + '.png')
         mask_file = join(reference_folder, record['case'] + '.nii.gz') if reference_folder else None
         save_case_overlay(record['image'], record['anomaly_map'], out_png,
                           mask_file=mask_file if mask_file and isfile(mask_file) else None,
                           title=record['case'] + (f' - {model_name}' if model_name else ''))
-    return records
 
 
 def _existing_map(map_file: str, image: sitk.Image) -> Optional[np.ndarray]:
@@ -253,15 +311,23 @@ def save_case_overlay(image_file: str, anomaly_map_file: str, out_png: str, n_sl
     """Overlay PNG (save_overlay_png) of a CT, its map and optionally its reference mask, all reoriented to LPS so
     slices show in the radiological convention. title defaults to the case name. The map and the mask must be on
     the CT's grid."""
-    images = [sitk.DICOMOrient(read_image(f), 'LPS') if f else None for f in (image_file, anomaly_map_file,
-                                                                                mask_file)]
-    for image, fname in zip(images[1:], (anomaly_map_file, mask_file)):
+    files = (image_file, anomaly_map_file, mask_file)
+    images = lps_on_ct_grid([read_image(f) if f else None for f in files], files)
+    ct, anomaly_map, mask = (sitk.GetArrayFromImage(i) if i else None for i in images)
+    save_overlay_png(ct, anomaly_map, images[0].GetSpacing()[::-1], out_png, n_slices, mask,
+                     title=case_name(image_file) if title is None else title)
+
+
+def lps_on_ct_grid(images: Sequence[Optional[sitk.Image]], names: Sequence[Optional[str]]) -> List[sitk.Image]:
+    """images[0] a CT and the others images on its grid (its map, a mask; None stays None), all reoriented to LPS,
+    so that slices show in the radiological convention whatever the scan's direction matrix. An image not on the
+    CT's grid is refused with one line; names: the files they were read from."""
+    images = [sitk.DICOMOrient(i, 'LPS') if i is not None else None for i in images]
+    for image, fname in zip(images[1:], names[1:]):
         if image is not None and (image.GetSize() != images[0].GetSize() or not np.allclose(
                 image.GetSpacing(), images[0].GetSpacing(), atol=1e-3) or not np.allclose(
                 image.GetOrigin(), images[0].GetOrigin(), atol=1e-2)):
             raise ScreenerInputError(f'{fname} (size {image.GetSize()}, spacing {image.GetSpacing()}) is not on the '
-                                     f'grid of its CT {image_file} (size {images[0].GetSize()}, spacing '
+                                     f'grid of its CT {names[0]} (size {images[0].GetSize()}, spacing '
                                      f'{images[0].GetSpacing()})')
-    ct, anomaly_map, mask = (sitk.GetArrayFromImage(i) if i else None for i in images)
-    save_overlay_png(ct, anomaly_map, images[0].GetSpacing()[::-1], out_png, n_slices, mask,
-                     title=case_name(image_file) if title is None else title)
+    return images

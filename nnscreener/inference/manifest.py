@@ -7,11 +7,11 @@ model or of a changed input), so at any moment the listed maps are of one model 
 `nnScreener_evaluate` scores exactly these.
 """
 import json
-import os
 import sys
 from os.path import abspath, isfile, join
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from nnscreener.utilities.io import input_size_and_mtime
 from nnscreener.utilities.output_folder import claim_outputs, load_manifest, save_manifest
 
 PREDICTIONS = 'predictions'
@@ -23,7 +23,7 @@ class PredictionRun:
 
     def __init__(self, folder: str, manifest: dict, cases: Dict[str, str], outputs: Dict[str, str],
                  model_identity: dict, continue_: bool):
-        self.folder, self.manifest = folder, manifest
+        self.folder, self.manifest, self.outputs = folder, manifest, outputs
         inputs = {case: input_fingerprint(f) for case, f in cases.items()}
         earlier = manifest.get(PREDICTIONS, {})
         same_model = continue_ and _plain(earlier.get('model')) == _plain(model_identity)
@@ -45,9 +45,10 @@ class PredictionRun:
 
 
 def input_fingerprint(fname: str) -> dict:
-    """Path, size and modification time: an input replaced by another file makes its map stale."""
-    stat = os.stat(fname)
-    return {'path': abspath(fname), 'bytes': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+    """Path, size and modification time (of a series folder: of its files): an input replaced by another file makes
+    its map stale."""
+    size, mtime_ns = input_size_and_mtime(fname)
+    return {'path': abspath(fname), 'bytes': size, 'mtime_ns': mtime_ns}
 
 
 def listed_maps(folder: str) -> Optional[Tuple[Dict[str, str], List[str]]]:

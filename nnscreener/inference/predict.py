@@ -1,6 +1,5 @@
 """`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener (or the
 autoencoder and local-contrast baselines of the quality benchmark)."""
-import argparse
 import os
 from os.path import isfile, join
 from typing import Tuple
@@ -12,11 +11,14 @@ from torch import nn
 
 from nnscreener.baselines.autoencoder import build_autoencoder, reconstruction_error_map
 from nnscreener.inference.anomaly_maps import OVERLAY_FOLDER, predict_anomaly_maps
+from nnscreener.inference.findings import (FindingsSettings, add_findings_arguments, findings_settings,
+                                           resolve_reference, write_findings_report)
 from nnscreener.baselines.local_contrast import LocalContrastPatchModel
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
 from nnscreener.training.stages import modular_screener, screener_dataset, stage_checkpoint, stage_folder
+from nnscreener.utilities.cli import add_device_argument, argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import file_sha256
 from nnscreener.utilities.output_folder import check_output_folder
@@ -147,8 +149,12 @@ def _build_patch_model(name: str, kind: str, screener: dict, configuration_manag
 
 def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',
             step_size: float = 0.5, batch_size: int = 4, overlays: int = 0, continue_: bool = False,
-            density_trainer: str = None, reference_folder: str = None):
-    """reference_folder: `<case>.nii.gz` masks whose contours the overlays show (cases without one: no contour)."""
+            density_trainer: str = None, reference_folder: str = None, allow_non_hu: bool = False,
+            findings: FindingsSettings = None):
+    """reference_folder: `<case>.nii.gz` masks whose contours the overlays show (cases without one: no contour).
+    allow_non_hu: accept CTs whose values do not look like HU (`check_hounsfield_units`).
+    findings: also write the findings report (`nnscreener.inference.findings`); its threshold and normals are
+    checked against this model before any map is computed."""
     if reference_folder is not None and not os.path.isdir(reference_folder):
         raise ScreenerInputError(f'reference mask folder {reference_folder} does not exist')
     require_env('nnUNet_results')
@@ -156,21 +162,31 @@ def predict(input_path, output_folder: str, dataset, model: str = 'modular', dev
     name = dataset_name(dataset)
     patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device), density_trainer)
     model_name = model if model != 'modular' or density_trainer is None else f'{model} ({density_trainer})'
-    return predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
-                                plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size, batch_size,
-                                overlays, continue_, model_name=model_name, reference_folder=reference_folder,
-                                model_identity=model_identity(name, model, density_trainer))
+    identity = model_identity(name, model, density_trainer)
+    reference = resolve_reference(findings, {**identity, 'step_size': step_size}) if findings else None
+    records = predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
+                                   plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size,
+                                   batch_size, overlays, continue_, model_name=model_name,
+                                   reference_folder=reference_folder, model_identity=identity,
+                                   allow_non_hu=allow_non_hu)
+    if reference:
+        write_findings_report(output_folder, reference, findings.min_volume_ml, findings.n_png)
+    return records
 
 
 @exit_on_input_error
 def predict_entry():
-    parser = argparse.ArgumentParser(description='Voxel-wise anomaly maps (NIfTI, input geometry) and scan scores '
-                                                 'of raw CT scans with a pretrained Screener.')
-    parser.add_argument('-i', required=True, nargs='+', help='folder of CT NIfTI files, or files')
+    parser = argument_parser('Voxel-wise anomaly maps (NIfTI, input geometry) and scan scores '
+                             'of raw CT scans with a pretrained Screener.')
+    parser.add_argument('-i', required=True, nargs='+',
+                        help='CT files (.nii.gz, .nii, .mha, .nrrd) and DICOM series folders (one series each), or '
+                             'one folder of them')
     parser.add_argument('-o', required=True, help='output folder')
     parser.add_argument('-d', required=True, help='dataset id or name the Screener was pretrained on')
-    parser.add_argument('--model', default='modular', choices=MODEL_KINDS)
-    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    parser.add_argument('--model', default='modular', choices=MODEL_KINDS,
+                        help='modular: descriptor, condition and density models; distilled: the one UNet they were '
+                             'distilled into (faster); other kinds: baselines')
+    add_device_argument(parser)
     parser.add_argument('--step_size', type=float, default=0.5, help='sliding-window step, fraction of the patch')
     parser.add_argument('--batch_size', type=int, default=4, help='patches per forward pass')
     parser.add_argument('--overlays', type=int, default=0, help='PNG overlays for the N highest-scoring scans')
@@ -181,10 +197,15 @@ def predict_entry():
                              'same inputs, recompute the others')
     parser.add_argument('--density_trainer', default=None,
                         help='modular model: a density-stage variant trained with nnScreener_pretrain --density_trainer')
+    parser.add_argument('--allow_non_hu', action='store_true',
+                        help='accept CTs whose values do not look like HU (none below 0, or a range under 10), '
+                             'which are refused by default')
+    add_findings_arguments(parser)
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise ScreenerInputError('no CUDA device available: pass -device cpu')
     inputs = args.i[0] if len(args.i) == 1 else args.i
     records = predict(inputs, args.o, args.d, args.model, args.device, args.step_size, args.batch_size,
-                      args.overlays, args.c, args.density_trainer, args.ref)
+                      args.overlays, args.c, args.density_trainer, args.ref, args.allow_non_hu,
+                      findings_settings(args))
     print(f'{len(records)} anomaly maps in {args.o} (scores.csv)')

@@ -1,5 +1,4 @@
 """`nnScreener_plan_and_preprocess`: nnU-Net fingerprint -> Screener plans -> stock preprocessing -> Screener cache."""
-import argparse
 import json
 from os.path import isdir, isfile, join
 from typing import Sequence
@@ -9,50 +8,67 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnscreener.planners.presets import PRESETS, SCREENER_SPACING, get_preset
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME, nnScreenerPlanner
+from nnscreener.planners.presets import PRESETS, SCREENER_SPACING
+from nnscreener.planners.screener_planner import (CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME, nnScreenerPlanner,
+                                                  planned_unet, screener_settings)
+from nnscreener.planners.unets import UNETS
 from nnscreener.preprocessing.screener_cache import build_screener_cache, screener_cache_folder
-from nnscreener.preprocessing.validation import check_raw_ct_dataset
+from nnscreener.preprocessing.validation import check_raw_ct_dataset, load_ct_dataset_json
 from nnscreener.training.stages import screener_dataset
+from nnscreener.utilities.console import output_to_log
+from nnscreener.utilities.cli import argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, raw_dataset_folder, require_env
 
 
 def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset: str = None,
                         num_processes: int = default_num_processes, allow_small_images: bool = False,
-                        continue_: bool = False, screener_from=None) -> str:
+                        continue_: bool = False, screener_from=None, allow_non_hu: bool = False, unet: str = None,
+                        gpu_memory_target: float = None) -> str:
     """Plans and preprocesses target dataset `dataset_id` the Screener way; returns the plans file.
+    allow_non_hu: accept images whose values do not look like HU (`check_hounsfield_units`).
 
     The target may be image-only (no labelsTr): then nnU-Net's stock preprocessing for `nnUNetv2_train` is skipped
     (nothing to fine-tune) and the target is the Screener's pretraining data. Pretraining datasets (labeled or
     image-only) are preprocessed with the target's plans into the Screener cache. `screener_from` (a dataset id or
     name) makes the target use that dataset's pretrained Screener: its plans must give the same Screener input and
     network, no pretraining datasets and no Screener cache are needed. preset: default 'default', or the
-    `screener_from` dataset's preset.
+    `screener_from` dataset's preset. unet: a name of nnscreener.planners.unets.UNETS (default 'plain', or the
+    `screener_from` dataset's). gpu_memory_target: GB the batch sizes are fitted to (nnscreener.planners.gpu_memory;
+    default: the preset's batch sizes).
     """
     require_env('nnUNet_raw', 'nnUNet_preprocessed')
     target = dataset_name(dataset_id)
     source = _screener_source(screener_from, target, pretrain_dataset_ids)
-    preset = preset or (load_json(_plans_file(source))['screener']['preset'] if source else 'default')
-    settings = get_preset(preset)  # an unknown preset or override is a one-line error before any work
+    source_screener = load_json(_plans_file(source))['screener'] if source else {}
+    preset = preset or source_screener.get('preset', 'default')
+    unet = unet or planned_unet(source_screener)
+    # an unknown preset, override or UNet, or a memory target too small, is a one-line error before any work
+    settings = screener_settings(preset, unet, gpu_memory_target,
+                                 _num_labels(target) if gpu_memory_target is not None else 2)
+    planner = dict(preset=preset, screener_from=source, unet=unet, gpu_memory_target=gpu_memory_target)
     if source is not None:
         _check_source_network(source, preset, settings)
     patch = None if allow_small_images else settings['patch_size']
     labeled = isdir(join(raw_dataset_folder(target), 'labelsTr'))
     sources = {target: check_raw_ct_dataset(raw_dataset_folder(target), labeled, patch, SCREENER_SPACING,
-                                            require_label_names=True)}
+                                            require_label_names=True, allow_non_hu=allow_non_hu)}
     for d in pretrain_dataset_ids:
         name = dataset_name(d)
-        sources[name] = check_raw_ct_dataset(raw_dataset_folder(name), False, patch, SCREENER_SPACING)
+        sources[name] = check_raw_ct_dataset(raw_dataset_folder(name), False, patch, SCREENER_SPACING,
+                                             allow_non_hu=allow_non_hu)
 
     plans_file = _plans_file(target)
+    log_file = join(preprocessed_dataset_folder(target), 'nnscreener_plan_and_preprocess.log')
     if continue_ and _nnunet_preprocessing_complete(target, settings, sources[target], labeled):
-        planned = load_json(plans_file)['screener']
-        if (planned.get('preset'), planned.get(SCREENER_FROM)) != (preset, source):  # same nnU-Net data
-            nnScreenerPlanner(target, preset=preset, screener_from=source).plan_experiment()
+        if load_json(plans_file)['screener'] != _screener_block(preset, settings, source):  # same nnU-Net data
+            with output_to_log(log_file, f'nnScreenerPlanner of {target}'):
+                nnScreenerPlanner(target, **planner).plan_experiment()
         print(f'{target}: nnU-Net preprocessing of these plans complete, kept (--c)')
     else:
-        _run_nnunet_planning(target, preset, source, labeled, num_processes, continue_)
+        print(f'{target}: nnU-Net fingerprint, plans and preprocessing (their output: {log_file})', flush=True)
+        with output_to_log(log_file, f'nnU-Net fingerprint, nnScreenerPlanner, preprocessing of {target}'):
+            _run_nnunet_planning(target, planner, labeled, num_processes, continue_)
     if not labeled:
         print(f'{target} is image-only (no labelsTr): planned for the Screener stages and nnScreener_predict; '
               f'nnUNetv2_train needs a labeled dataset')
@@ -70,6 +86,18 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
 
 def _plans_file(name: str) -> str:
     return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+
+
+def _num_labels(target: str) -> int:
+    """Outputs of the fine-tuning network (labels, background included); a dataset.json without labels is refused by
+    the validation that follows."""
+    return max(1, len(load_ct_dataset_json(raw_dataset_folder(target)).get('labels', {})))
+
+
+def _screener_block(preset: str, settings: dict, source) -> dict:
+    """The `screener` block the planner writes for these settings, as the plans' JSON holds it."""
+    block = {'preset': preset, **settings, **({SCREENER_FROM: source} if source is not None else {})}
+    return json.loads(json.dumps(block))
 
 
 def _screener_source(screener_from, target: str, pretrain_dataset_ids: Sequence):
@@ -95,18 +123,19 @@ def _check_source_network(source: str, preset: str, settings: dict) -> None:
     planned = load_json(_plans_file(source))['screener']
     differ = _differing_keys(planned, settings, NETWORK_KEYS)
     if differ:
-        raise ScreenerInputError(f'preset {preset} gives another {", ".join(differ)} than the Screener of {source} '
-                                 f'(preset {planned["preset"]}): plan with --preset {planned["preset"]}, or leave '
-                                 f'--preset out')
+        raise ScreenerInputError(f'preset {preset} with the {planned_unet(settings)} UNet gives another '
+                                 f'{", ".join(differ)} than the Screener of {source} (preset {planned["preset"]}, '
+                                 f'{planned_unet(planned)} UNet): plan with --preset {planned["preset"]} --unet '
+                                 f'{planned_unet(planned)}, or leave --preset and --unet out')
 
 
 # preset keys that shape nnU-Net's plans configuration and preprocessed data; the others only steer the training
-NETWORK_KEYS = ('patch_size', 'base_num_features', 'max_num_features')  # what a pretrained Screener's weights fit
+NETWORK_KEYS = ('patch_size', 'base_num_features', 'max_num_features', 'unet')  # what a pretrained Screener's weights fit
 CONFIGURATION_KEYS = NETWORK_KEYS + ('finetune_batch_size',)
 
 
 def _differing_keys(planned: dict, settings: dict, keys) -> list:
-    return [k for k in keys if planned.get(k) != json.loads(json.dumps(settings[k]))]  # tuples as in JSON
+    return [k for k in keys if planned.get(k) != json.loads(json.dumps(settings.get(k)))]  # tuples as in JSON
 
 
 def _nnunet_preprocessing_complete(target: str, settings: dict, cases: dict, labeled: bool) -> bool:
@@ -134,8 +163,8 @@ class ImageOnlyFingerprintExtractor(DatasetFingerprintExtractor):
             case['label'] = case['images'][0]
 
 
-def _run_nnunet_planning(target: str, preset: str, source, labeled: bool, num_processes: int,
-                         continue_: bool) -> None:
+def _run_nnunet_planning(target: str, planner: dict, labeled: bool, num_processes: int, continue_: bool) -> None:
+    """nnU-Net's fingerprint, nnScreenerPlanner(target, **planner), and nnU-Net's preprocessing of a labeled target."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
     dataset_id = convert_dataset_name_to_id(target)
@@ -147,35 +176,50 @@ def _run_nnunet_planning(target: str, preset: str, source, labeled: bool, num_pr
     except (AssertionError, RuntimeError) as e:  # nnU-Net's integrity check: keep its first line, drop the trace
         raise ScreenerInputError(f'{target} failed nnU-Net\'s dataset integrity check: '
                                  f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}')
-    nnScreenerPlanner(target, preset=preset, screener_from=source).plan_experiment()
+    nnScreenerPlanner(target, **planner).plan_experiment()
     if labeled:  # nnUNetv2_train's data; the Screener cache reads the images itself
         preprocess_dataset(dataset_id, SCREENER_PLANS_NAME, (CONFIGURATION,), (num_processes,))
 
 
 @exit_on_input_error
 def plan_and_preprocess_entry():
-    parser = argparse.ArgumentParser(description='Fingerprint, plan (nnScreenerPlans) and preprocess a CT dataset '
-                                                 'for Screener; pretraining datasets go into the Screener cache.')
+    parser = argument_parser('Fingerprint, plan (nnScreenerPlans) and preprocess a CT dataset '
+                             'for Screener; pretraining datasets go into the Screener cache.')
     parser.add_argument('-d', type=str, required=True,
                         help='target dataset id or name: labeled (fine-tuning) or image-only (Screener only)')
     parser.add_argument('-pretrain_d', type=str, nargs='*', default=[],
-                        help='additional pretraining datasets (ids or names), may be image-only (no labelsTr)')
+                        help='additional pretraining datasets (ids or names), may be image-only (no labelsTr) '
+                             '(default: none)')
     parser.add_argument('--preset', default=None,
-                        help=f'{", ".join(sorted(PRESETS))} (default: paper scale; cpu: CPU scale; tiny: tests), '
+                        help=f'{", ".join(sorted(PRESETS))} (default = paper scale, cpu = CPU scale, tiny = tests), '
                              f'optionally with overrides, e.g. tiny:steps=900,clahe=0.01 (default: default, or the '
                              f'preset of the --screener_from dataset)')
-    parser.add_argument('-np', type=int, default=default_num_processes, help='number of processes')
+    parser.add_argument('-np', type=int, default=default_num_processes,
+                        help='processes of nnU-Net\'s fingerprint and preprocessing and of the Screener cache')
     parser.add_argument('--allow_small_images', action='store_true',
                         help='zero-pad images smaller than the patch (nnU-Net behaviour) instead of refusing them')
+    parser.add_argument('--allow_non_hu', action='store_true',
+                        help='accept images whose values do not look like CT in HU (none below 0, or a range under '
+                             '10), which are refused by default')
     parser.add_argument('--c', action='store_true', help='continue: keep the fingerprint and cached cases')
     parser.add_argument('--screener_from', default=None,
                         help='dataset id or name whose pretrained Screener this dataset uses (no pretraining of its '
                              'own; its plans must give the same spacing, patch, network and CT intensities) '
                              '(default: none, the dataset gets its own Screener)')
+    parser.add_argument('--unet', default=None, choices=list(UNETS),
+                        help='the UNet of every Screener network and of fine-tuning: nnU-Net\'s PlainConvUNet (plain) '
+                             'or its residual-encoder UNet with the block counts of nnUNetPlannerResEncM/L/XL (ResEncM, '
+                             'ResEncL, ResEncXL: the same network, each with its planner\'s memory calibration) '
+                             '(default: plain, or the UNet of the --screener_from dataset)')
+    parser.add_argument('-gpu_memory_target', type=float, default=None,
+                        help='GPU memory in GB the batch sizes are fitted to, estimated as nnU-Net\'s planners do '
+                             '(nnUNetPlannerResEncL: 24); patch and widths stay the preset\'s (default: the preset\'s '
+                             'batch sizes)')
     args = parser.parse_args()
     plans_file = plan_and_preprocess(_as_id(args.d), [_as_id(d) for d in args.pretrain_d], args.preset, args.np,
                                      args.allow_small_images, args.c,
-                                     None if args.screener_from is None else _as_id(args.screener_from))
+                                     None if args.screener_from is None else _as_id(args.screener_from),
+                                     args.allow_non_hu, args.unet, args.gpu_memory_target)
     print(f'Screener plans: {plans_file}')
 
 

@@ -1,5 +1,5 @@
 """Stages 1 and 2 of Screener: the descriptor and the masking-invariant condition model (dense SSL)."""
-from nnscreener.ssl.losses import build_ssl_loss
+from nnscreener.ssl.losses import ssl_loss_of_block
 from nnscreener.ssl.masking import BlockMasking
 from nnscreener.ssl.objective import DenseSSLObjective
 from nnscreener.training.data_loaders import CropPairLoader, multiprocess_loader
@@ -15,18 +15,16 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     def build_objective(self):
         dim = self.screener[self.feature_dim_key]
         network = build_plans_unet(self.configuration_manager, dim)
-        loss_kwargs = {'expander_dims': self.hparams['expander_dims']} if self.hparams['loss'] == 'vicreg' else {}
-        return DenseSSLObjective(network, build_ssl_loss(self.hparams['loss'], dim, **loss_kwargs),
-                                 self.build_masking())
+        return DenseSSLObjective(network, ssl_loss_of_block(self.hparams, dim), self.build_masking())
 
     def build_masking(self):
         return None
 
-    def build_loader(self, seed: int):
+    def build_loader(self, seed: int, first_batch: int = 0):
         batch_size = self.per_rank_batch_size(self.hparams['batch_size'])
         pairs_per_image = self.hparams['positive_pairs'] // self.hparams['batch_size']
         loader = CropPairLoader(self.screener_cache(), batch_size, self.configuration_manager.patch_size,
-                                pairs_per_image, seed)
+                                pairs_per_image, seed, first_batch)
         return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
@@ -19,20 +19,25 @@ STOCK, CLAHE, BODY = 0, 1, 2  # channels of a cache volume
 
 
 class _CacheLoader(SlimDataLoaderBase):
-    """Infinite random batches; every worker seeds its own generator from (seed, worker id)."""
+    """Infinite random batches. Batch i, counted from `first_batch` over all workers in the order the augmenter
+    returns them (round robin), is drawn with a generator of its own seeded by (seed, i): a training step's data
+    depend neither on the number of workers nor on where a run was resumed, so a killed stage continued with --c
+    trains on the batches the uninterrupted run would have seen."""
 
-    def __init__(self, cache: ScreenerCache, batch_size: int, patch_size: Sequence[int], seed: int):
-        super().__init__(cache.pretraining_keys, batch_size, None)
+    def __init__(self, cache: ScreenerCache, batch_size: int, patch_size: Sequence[int], seed: int,
+                 first_batch: int = 0):
+        super().__init__(cache.pretraining_keys, batch_size, 1)
         self.cache, self.patch_size, self.seed = cache, tuple(int(p) for p in patch_size), seed
-        self.rng = None
+        self.first_batch, self._batches_drawn = first_batch, 0
 
-    def _rng(self) -> np.random.Generator:
-        if self.rng is None:
-            self.rng = np.random.default_rng([self.seed, self.thread_id])
-        return self.rng
+    def _batch_rng(self) -> np.random.Generator:
+        """The generator of this worker's next batch (a worker is a forked copy, counting its own batches)."""
+        index = self.first_batch + self.thread_id + self._batches_drawn * self.number_of_threads_in_multithreaded
+        self._batches_drawn += 1
+        return np.random.default_rng([self.seed, index])
 
-    def _random_volume(self):
-        return self.cache.load(self._data[self._rng().integers(len(self._data))])
+    def _random_volume(self, rng: np.random.Generator):
+        return self.cache.load(self._data[rng.integers(len(self._data))])
 
 
 def read_region(volume: np.ndarray, boxes: Sequence[CropBox], patch_size) -> tuple:
@@ -51,15 +56,15 @@ def read_region(volume: np.ndarray, boxes: Sequence[CropBox], patch_size) -> tup
 class CropPairLoader(_CacheLoader):
     """Dense SSL examples: two overlapping crops of one CLAHE volume and n positive-pair coordinates in each."""
 
-    def __init__(self, cache, batch_size, patch_size, pairs_per_image: int, seed: int):
-        super().__init__(cache, batch_size, patch_size, seed)
+    def __init__(self, cache, batch_size, patch_size, pairs_per_image: int, seed: int, first_batch: int = 0):
+        super().__init__(cache, batch_size, patch_size, seed, first_batch)
         self.pairs_per_image = pairs_per_image
 
     def generate_train_batch(self) -> dict:
-        rng = self._rng()
+        rng = self._batch_rng()
         views, coords = [[], []], [[], []]
         for _ in range(self.batch_size):
-            volume = self._random_volume()
+            volume = self._random_volume(rng)
             boxes = sample_crop_pair(volume.shape[1:], self.patch_size, rng)
             region, boxes = read_region(volume, boxes, self.patch_size)
             positions = sample_overlap_positions(*boxes, self.patch_size, region.shape[1:], self.pairs_per_image,
@@ -75,10 +80,10 @@ class RandomCropLoader(_CacheLoader):
     """Patch-size crops (stock input, CLAHE, body mask) at random positions, centres inside the body where possible."""
 
     def generate_train_batch(self) -> dict:
-        rng = self._rng()
+        rng = self._batch_rng()
         crops, starts = [], []
         for _ in range(self.batch_size):
-            volume = self._random_volume()
+            volume = self._random_volume(rng)
             start = self._random_start(volume, rng)
             box = CropBox(start=start.astype(float), size=np.array(self.patch_size, dtype=float))
             region, (box,) = read_region(volume, [box], self.patch_size)
@@ -97,10 +102,12 @@ class RandomCropLoader(_CacheLoader):
         return start
 
 
-def multiprocess_loader(loader: SlimDataLoaderBase, pin_memory: bool):
-    """nnU-Net's own augmenter choice: workers per nnUNet_n_proc_DA, single-threaded when it is 0."""
+def multiprocess_loader(loader: _CacheLoader, pin_memory: bool):
+    """Workers per nnUNet_n_proc_DA as in nnU-Net, single-threaded when it is 0. Unlike nnU-Net's training loaders
+    this is the ordered augmenter (batches in round-robin worker order), which the per-batch seeds need."""
     n_proc = get_allowed_n_proc_DA()
     if n_proc == 0:
         return SingleThreadedAugmenter(loader, None)
-    return NonDetMultiThreadedAugmenter(loader, None, n_proc, num_cached=max(4, n_proc), seeds=None,
-                                        pin_memory=pin_memory, wait_time=0.002)
+    loader.number_of_threads_in_multithreaded = n_proc
+    return MultiThreadedAugmenter(loader, None, n_proc, num_cached_per_queue=2, seeds=None, pin_memory=pin_memory,
+                                  wait_time=0.002)

@@ -62,6 +62,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.history = LossHistory()
         self.objective = None
         self.run_id = None  # set by nnScreener_pretrain (nnscreener.training.stage_runs); stored in every checkpoint
+        self.progress = None  # StageProgress of nnScreener_pretrain: a console bar over all its stages; None: no bar
 
     @classmethod
     def training_screener(cls, screener: dict) -> dict:
@@ -93,11 +94,12 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
     def screener_cache(self) -> ScreenerCache:
         return ScreenerCache(screener_cache_folder(self.preprocessed_dataset_folder_base, self.configuration_manager))
 
-    def build_loader(self, seed: int):
-        """Infinite iterator of numpy batches (dicts, see nnscreener.training.data_loaders); by default patch-size
-        crops of the Screener cache at random body positions, the stage's batch size split over ranks."""
+    def build_loader(self, seed: int, first_batch: int = 0):
+        """Infinite iterator of numpy batches (dicts, see nnscreener.training.data_loaders), from batch `first_batch`
+        of the sequence `seed` draws; by default patch-size crops of the Screener cache at random body positions,
+        the stage's batch size split over ranks."""
         loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
-                                  self.configuration_manager.patch_size, seed)
+                                  self.configuration_manager.patch_size, seed, first_batch)
         return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
 
     def per_rank_batch_size(self, batch_size: int) -> int:
@@ -115,21 +117,26 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
             self.initialize()
         maybe_mkdir_p(self.output_folder)
         self.save_plans_and_dataset_json()
-        # a resumed run draws new (but reproducible) data: the loader's workers cannot be checkpointed
-        loader = self.build_loader(seed=self.seed + 1000 * self.current_step + self.local_rank)
+        # a resumed run draws the batches the uninterrupted run would have drawn from here on
+        loader = self.build_loader(seed=self.seed + self.local_rank, first_batch=self.current_step)
         self.print_to_log_file(f'{self.__class__.__name__}: steps {self.current_step} -> {self.num_steps}, '
                                f'{SEED_ENV}={training_seed()}')
         self.objective.train()
         t0, step0 = time.time(), self.current_step
+        bar = self.progress.bar(self.current_step) if self.progress and self.local_rank == 0 else None
         while self.current_step < self.num_steps:
             self.lr_scheduler.step(self.current_step)
             logs = self.train_step(next(loader))
             self.current_step += 1
             self.history.append(self.current_step, logs)
+            if bar is not None:
+                bar.update()
             if self.current_step % LOG_EVERY == 0 or self.current_step == self.num_steps:
                 self._log_progress(t0, step0)
             if self.current_step % self.checkpoint_every == 0 and self.current_step < self.num_steps:
                 self.save_checkpoint(join(self.output_folder, 'checkpoint_latest.pth'))
+        if bar is not None:
+            bar.close()
         self.save_checkpoint(join(self.output_folder, 'checkpoint_final.pth'))
         if self.local_rank == 0 and isfile(join(self.output_folder, 'checkpoint_latest.pth')):
             os.remove(join(self.output_folder, 'checkpoint_latest.pth'))
@@ -156,6 +163,11 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         if self.device.type == 'cuda':
             return torch.autocast('cuda', dtype=torch.bfloat16)
         return dummy_context()
+
+    def print_to_log_file(self, *args, also_print_to_console=False, add_timestamp=True):
+        """Into the stage's training log only (nnU-Net's default also prints every line, its citation banner
+        included); the console shows the progress bar of nnScreener_pretrain."""
+        super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
     def _log_progress(self, t0: float, step0: int):
         rate = (self.current_step - step0) / max(time.time() - t0, 1e-9)
@@ -251,9 +263,21 @@ def load_plain_checkpoint(checkpoint_file: str, device) -> dict:
     try:
         return torch.load(checkpoint_file, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
+        if 'GLOBAL' not in str(e):  # not a refused class or function: bytes that are no pickle at all
+            raise _corrupt_checkpoint(checkpoint_file, e)
+        refused = next(line for line in str(e).splitlines() if 'GLOBAL' in line)
         raise ScreenerInputError(f'{checkpoint_file} holds objects other than tensors and plain values, which '
-                                 f'nnscreener never writes; refusing to unpickle it ({str(e).splitlines()[0][:120]}). '
+                                 f'nnscreener never writes; refusing to unpickle it ({refused.strip()[:120]}). '
                                  f'Re-run the stage that wrote it')
+    except (RuntimeError, EOFError) as e:  # torch's zip reader: truncated or damaged archive; empty file
+        raise _corrupt_checkpoint(checkpoint_file, e)
+
+
+def _corrupt_checkpoint(checkpoint_file: str, error: Exception):
+    from nnscreener.utilities.errors import ScreenerInputError
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+    return ScreenerInputError(f'{checkpoint_file} is truncated or corrupt ({detail}): re-run the stage that wrote it '
+                              f'(nnScreener_pretrain without --c for that stage), or restore the file')
 
 
 def _numpy_rng_state() -> dict:

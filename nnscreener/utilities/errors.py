@@ -18,7 +18,15 @@ def exit_on_input_error(entry):
         try:
             return entry(*args, **kwargs)
         except ScreenerInputError as e:
+            _close_progress_bars()
             print(f'nnScreener error: {e}', file=sys.stderr)
             sys.exit(EXIT_CODE_BAD_INPUT)
 
     return wrapped
+
+
+def _close_progress_bars() -> None:
+    """Ends a progress bar the error interrupted, so the error starts a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, '_instances', ())):
+        bar.close()

@@ -3,13 +3,20 @@ write, and writable before any compute. Every file a command writes there is lis
 folder's manifest `nnscreener_manifest.json`, which is how a later run tells its own files from the user's."""
 import json
 import os
+from contextlib import contextmanager
 from os.path import abspath, dirname, isdir, isfile, join, realpath
 from typing import Iterable, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent commands into one folder are then not refused
+    fcntl = None
 
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import TMP_PREFIX, atomic_save_json
 
 MANIFEST_FILE = 'nnscreener_manifest.json'
+LOCK_FILE = '.nnscreener_lock'  # held (flock) by the command writing into the folder
 RAW_DATASET_SUBFOLDERS = ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs')
 NNUNET_FOLDERS = ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')
 SHOWN = 5  # foreign files named in a message
@@ -29,7 +36,7 @@ def check_output_folder(folder: str, outputs: Iterable[str], only_ours: bool = F
     Returns the folder's manifest ({'files': []} for a new folder)."""
     _refuse_protected(folder)
     manifest = load_manifest(folder)
-    ours = set(manifest['files']) | {MANIFEST_FILE}
+    ours = set(manifest['files']) | {MANIFEST_FILE, LOCK_FILE}
     present = _files(folder, subfolders) if only_ours else [f for f in outputs if isfile(join(folder, f))]
     foreign = sorted(f for f in present if f not in ours and not os.path.basename(f).startswith(TMP_PREFIX))
     if foreign:
@@ -39,6 +46,62 @@ def check_output_folder(folder: str, outputs: Iterable[str], only_ours: bool = F
             f'or mix with its own: choose a new or empty output folder')
     _refuse_unwritable(folder)
     return manifest
+
+
+@contextmanager
+def output_folder_lock(folder: str, subfolders: Iterable[str] = ()):
+    """The folder (created if new) held by this command alone while the block runs.
+
+    A second command into the same folder is refused with one line: two runs rewriting one manifest and one scores
+    file would each drop the other's entries. The lock is the kernel's flock on `LOCK_FILE`, so a killed holder
+    never leaves it stuck. With the lock held, the temporary files of atomic writes a killed run left in the folder
+    (and in `subfolders`) are removed: nobody else can be writing them. If the block fails and the folder was new,
+    it is removed again unless a listed output was written, so an early error leaves no empty output folder."""
+    created = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        _lock(fd, folder)
+        _remove_temporary_files(folder, subfolders)
+        try:
+            yield
+        except BaseException:
+            if created:
+                _remove_if_nothing_written(folder)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, folder: str) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ScreenerInputError(f'output folder {folder} is in use by another running nnscreener command: wait '
+                                 f'until it ends, or write to another folder')
+
+
+def _remove_temporary_files(folder: str, subfolders: Iterable[str]) -> None:
+    for name in _files(folder, subfolders):
+        if os.path.basename(name).startswith(TMP_PREFIX):
+            os.remove(join(folder, name))
+
+
+def _remove_if_nothing_written(folder: str) -> None:
+    """Removes a folder this command created if it holds nothing but its manifest and lock file."""
+    manifest = load_manifest(folder)
+    if any(os.path.exists(join(folder, f)) for f in manifest['files']):
+        return
+    for name in (MANIFEST_FILE, LOCK_FILE):
+        if isfile(join(folder, name)):
+            os.remove(join(folder, name))
+    for sub in sorted({dirname(f) for f in manifest['files'] if dirname(f)}, reverse=True):
+        if isdir(join(folder, sub)) and not os.listdir(join(folder, sub)):
+            os.rmdir(join(folder, sub))
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def claim_outputs(folder: str, names: Iterable[str], manifest: Optional[dict] = None) -> dict:
