@@ -58,6 +58,7 @@ setup(
         'nnScreener_plan_and_preprocess = nnscreener.preprocessing.plan_and_preprocess:plan_and_preprocess_entry',
         'nnScreener_pretrain = nnscreener.run.pretrain:pretrain_entry',
         'nnScreener_predict = nnscreener.inference.predict:predict_entry',
+        'nnScreener_findings = nnscreener.inference.findings:findings_entry',
         'nnScreener_evaluate = nnscreener.evaluation.evaluate:evaluate_entry',
         'nnScreener_lowshot_splits = nnscreener.finetuning.lowshot_splits:lowshot_splits_entry',
         'nnScreener_compare = nnscreener.evaluation.compare:compare_entry',

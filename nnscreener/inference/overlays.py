@@ -118,6 +118,21 @@ def _select_slices(anomaly_map, body, mask, n_top, max_panels, spacing) -> Tuple
     return [(label, int(z)) for label, z in panels], n_hidden
 
 
+def draw_panel(ax, ct_slice: np.ndarray, map_slice: np.ndarray, window: Tuple[float, float],
+               heat: Tuple[float, float], aspect: float, contour: Optional[np.ndarray] = None,
+               contour_colour: str = 'cyan'):
+    """One panel: the CT slice in `window` (HU), the map as a heat overlay above heat[0] with its colour scale capped
+    at heat[1] (heat_range), the contour of `contour` (a mask slice) if it has any voxel. aspect: row / column
+    spacing. Returns the heat image, for a colour bar."""
+    ax.imshow(ct_slice, cmap='gray', vmin=window[0], vmax=window[1], aspect=aspect, interpolation='nearest')
+    image = ax.imshow(np.ma.masked_where(map_slice <= heat[0], map_slice), cmap='autumn', alpha=0.55, aspect=aspect,
+                      interpolation='nearest', vmin=heat[0], vmax=heat[1])
+    if contour is not None and contour.any():
+        ax.contour(contour > 0, levels=[0.5], colors=contour_colour, linewidths=1.0)
+    ax.set_axis_off()
+    return image
+
+
 def save_overlay_png(ct_hu: np.ndarray, anomaly_map: np.ndarray, spacing: Sequence[float], out_png: str,
                      n_slices: int = 3, mask: Optional[np.ndarray] = None, title: Optional[str] = None,
                      body: Optional[np.ndarray] = None, max_panels: int = MAX_PANELS) -> None:
@@ -144,13 +159,9 @@ def save_overlay_png(ct_hu: np.ndarray, anomaly_map: np.ndarray, spacing: Sequen
     axes = np.atleast_1d(fig.subplots(n_rows, n_columns, squeeze=False)).ravel()
     for ax, (label, z) in zip(axes, panels):
         window_name, window = slice_window(ct_hu[z], body[z])
-        ax.imshow(ct_hu[z], cmap='gray', vmin=window[0], vmax=window[1], aspect=aspect, interpolation='nearest')
-        heat = ax.imshow(np.ma.masked_where(anomaly_map[z] <= vmin, anomaly_map[z]), cmap='autumn', alpha=0.55,
-                         aspect=aspect, interpolation='nearest', vmin=vmin, vmax=vmax)
-        if mask is not None and mask[z].any():
-            ax.contour(mask[z] > 0, levels=[0.5], colors='cyan', linewidths=1.0)
+        heat = draw_panel(ax, ct_hu[z], anomaly_map[z], window, (vmin, vmax), aspect,
+                          None if mask is None else mask[z])
         ax.set_title(f'{label}  z={z}\n{window_name} window', fontsize=9)
-        ax.set_axis_off()
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     fig.colorbar(heat, ax=list(axes), shrink=0.8, label='anomaly score (body p95 to p99.9)')
