@@ -1,8 +1,9 @@
 """3D convolutional autoencoder baseline: anomaly = local reconstruction error.
 
 The encoder is the plans UNet's encoder (same stages, kernels, strides, features; nnU-Net's conv-norm-LeakyReLU
-blocks) without skip connections, squeezed by a 1x1x1 conv to `code_channels` per bottleneck voxel; the decoder
-mirrors it with transposed convolutions. Without skips, the bottleneck is the only path, so what the model has not
+blocks, or its residual blocks for a residual-encoder UNet) without skip connections, squeezed by a 1x1x1 conv to
+`code_channels` per bottleneck voxel; the decoder mirrors it with transposed convolutions and the plans' decoder convs
+per stage. Without skips, the bottleneck is the only path, so what the model has not
 learned to encode (rare structures, lesions) is reconstructed worse.
 """
 from typing import Sequence
@@ -10,6 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -19,18 +21,20 @@ BLOCK = dict(conv_op=nn.Conv3d, conv_bias=True, norm_op=nn.InstanceNorm3d, norm_
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, features_per_stage: Sequence[int], kernel_sizes, strides, n_conv_per_stage: Sequence[int],
-                 code_channels: int):
+    def __init__(self, features_per_stage: Sequence[int], kernel_sizes, strides, encoder_blocks: Sequence[int],
+                 decoder_convs: Sequence[int], code_channels: int, residual: bool = False):
+        """encoder_blocks: convs per encoder stage, or residual blocks if `residual`; decoder_convs: per decoder stage."""
         super().__init__()
-        self.encoder = PlainConvEncoder(1, len(features_per_stage), features_per_stage, kernel_sizes=kernel_sizes,
-                                        strides=strides, n_conv_per_stage=n_conv_per_stage, return_skips=False,
-                                        **BLOCK)
+        encoder, blocks_key = (ResidualEncoder, 'n_blocks_per_stage') if residual else \
+            (PlainConvEncoder, 'n_conv_per_stage')
+        self.encoder = encoder(1, len(features_per_stage), features_per_stage, kernel_sizes=kernel_sizes,
+                               strides=strides, return_skips=False, **{blocks_key: encoder_blocks}, **BLOCK)
         self.to_code = nn.Conv3d(features_per_stage[-1], code_channels, 1)
         self.from_code = nn.Conv3d(code_channels, features_per_stage[-1], 1)
         up = []
         for s in range(len(features_per_stage) - 1, 0, -1):  # undo stage s's stride, reaching stage s-1's features
             up += [nn.ConvTranspose3d(features_per_stage[s], features_per_stage[s - 1], strides[s], strides[s]),
-                   StackedConvBlocks(n_conv_per_stage[s - 1], input_channels=features_per_stage[s - 1],
+                   StackedConvBlocks(decoder_convs[s - 1], input_channels=features_per_stage[s - 1],
                                      output_channels=features_per_stage[s - 1], kernel_size=kernel_sizes[s - 1],
                                      initial_stride=1, **BLOCK)]
         self.decoder = nn.Sequential(*up)
@@ -44,8 +48,10 @@ class ConvAutoencoder(nn.Module):
 def build_autoencoder(configuration_manager: ConfigurationManager, code_channels: int) -> ConvAutoencoder:
     """The autoencoder of the plans' UNet encoder (see module docstring)."""
     kwargs = configuration_manager.network_arch_init_kwargs
+    residual = 'n_blocks_per_stage' in kwargs  # nnU-Net's ResidualEncoderUNet; PlainConvUNet has n_conv_per_stage
     return ConvAutoencoder(kwargs['features_per_stage'], kwargs['kernel_sizes'], kwargs['strides'],
-                           kwargs['n_conv_per_stage'], code_channels)
+                           kwargs['n_blocks_per_stage' if residual else 'n_conv_per_stage'],
+                           kwargs['n_conv_per_stage_decoder'], code_channels, residual)
 
 
 def reconstruction_error_map(autoencoder: nn.Module, x: torch.Tensor, pool_stride: Sequence[int]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The Screener experiment planner: nnU-Net's planner with the paper's fixed spacing, patch and CT intensities.
 
-Only `3d_fullres` is planned. The UNet topology (stages, strides, kernels) comes from nnU-Net's own
+Only `3d_fullres` is planned. The UNet (nnU-Net's PlainConvUNet or its residual-encoder UNet,
+`nnscreener.planners.unets`) and its topology (stages, strides, kernels) come from nnU-Net's own
 `get_pool_and_conv_props` for the fixed patch; the preprocessor and normalisation keep nnU-Net's stock names
 (`DefaultPreprocessor`, `CTNormalization`) so stock `nnUNetv2_train` / `nnUNetv2_predict` run on these plans.
 """
@@ -11,14 +12,13 @@ from typing import Union
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
-from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op, get_matching_instancenorm
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnscreener.planners.gpu_memory import fit_to_gpu_memory
 from nnscreener.planners.presets import CT_CLIP_RANGE, SCREENER_SPACING, get_preset
+from nnscreener.planners.unets import DEFAULT_UNET, plans_architecture, unet_spec
 from nnscreener.utilities.errors import ScreenerInputError
 
 SCREENER_PLANS_NAME = 'nnScreenerPlans'
@@ -54,17 +54,37 @@ def ct_intensity_properties() -> dict:
             'min': low, 'max': high, 'median': (low + high) / 2}
 
 
+def screener_settings(preset: str, unet: str = DEFAULT_UNET, gpu_memory_target: float = None,
+                      num_labels: int = 2) -> dict:
+    """What the plans' `screener` block records besides the preset's name: the preset's values, the UNet when it is
+    not nnU-Net's default (`unet`), and batch sizes fitted to `gpu_memory_target` GB when given (`gpu_memory`);
+    num_labels: the dataset's labels, background included (the fine-tuning network's outputs)."""
+    settings = get_preset(preset)
+    unet_spec(unet)  # an unknown name is a one-line error
+    if unet != DEFAULT_UNET:  # plans of the default UNet stay as they were before the choice existed
+        settings['unet'] = unet
+    if gpu_memory_target is not None:
+        settings = fit_to_gpu_memory(settings, unet, gpu_memory_target, num_labels)
+    return settings
+
+
+def planned_unet(screener: dict) -> str:
+    return screener.get('unet', DEFAULT_UNET)
+
+
 class nnScreenerPlanner(ExperimentPlanner):
     def __init__(self, dataset_name_or_id: Union[str, int], preset: str = 'default',
-                 plans_name: str = SCREENER_PLANS_NAME, screener_from: str = None):
-        """screener_from: name of the dataset whose pretrained Screener these plans use (checked to fit)."""
+                 plans_name: str = SCREENER_PLANS_NAME, screener_from: str = None, unet: str = DEFAULT_UNET,
+                 gpu_memory_target: float = None):
+        """screener_from: name of the dataset whose pretrained Screener these plans use (checked to fit);
+        unet: a name of nnscreener.planners.unets.UNETS; gpu_memory_target: GB the batch sizes are fitted to."""
         # Screener works in (z, y, x) at a fixed spacing: nnU-Net's axis transpose would only confuse the crop maths
         super().__init__(dataset_name_or_id, plans_name=plans_name, suppress_transpose=True,
                          overwrite_target_spacing=[float(s) for s in SCREENER_SPACING])
         self.preset_name = preset
-        self.preset = get_preset(preset)
+        self.preset = screener_settings(preset, unet, gpu_memory_target, len(self.dataset_json['labels']))
         self.screener_from = screener_from
-        self.UNet_class = PlainConvUNet
+        self.unet = unet
         self.UNet_base_num_features = self.preset['base_num_features']
         self.UNet_max_features_3d = self.preset['max_num_features']
 
@@ -74,14 +94,6 @@ class nnScreenerPlanner(ExperimentPlanner):
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache) -> dict:
         patch_size = self.preset['patch_size']
-        _, strides, kernels, topology_patch, _ = get_pool_and_conv_props(
-            list(spacing), list(patch_size), self.UNet_featuremap_min_edge_length, 999999)
-        # the paper's patch is divisible by its strides; a preset that is not would silently change the patch
-        assert tuple(topology_patch) == tuple(patch_size), (patch_size, topology_patch)
-        n_stages = len(strides)
-        conv_op = convert_dim_to_conv_op(3)
-        norm = get_matching_instancenorm(conv_op)
-        features = [min(self.UNet_max_features_3d, self.UNet_base_num_features * 2 ** i) for i in range(n_stages)]
         resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
         return {
@@ -99,26 +111,8 @@ class nnScreenerPlanner(ExperimentPlanner):
             'resampling_fn_seg_kwargs': resampling_seg_kwargs,
             'resampling_fn_probabilities': resampling_softmax.__name__,
             'resampling_fn_probabilities_kwargs': resampling_softmax_kwargs,
-            'architecture': {
-                'network_class_name': self.UNet_class.__module__ + '.' + self.UNet_class.__name__,
-                'arch_kwargs': {
-                    'n_stages': n_stages,
-                    'features_per_stage': features,
-                    'conv_op': conv_op.__module__ + '.' + conv_op.__name__,
-                    'kernel_sizes': kernels,
-                    'strides': strides,
-                    'n_conv_per_stage': list(self.UNet_blocks_per_stage_encoder[:n_stages]),
-                    'n_conv_per_stage_decoder': list(self.UNet_blocks_per_stage_decoder[:n_stages - 1]),
-                    'conv_bias': True,
-                    'norm_op': norm.__module__ + '.' + norm.__name__,
-                    'norm_op_kwargs': {'eps': 1e-5, 'affine': True},
-                    'dropout_op': None,
-                    'dropout_op_kwargs': None,
-                    'nonlin': 'torch.nn.LeakyReLU',
-                    'nonlin_kwargs': {'inplace': True},
-                },
-                '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin'],
-            },
+            'architecture': plans_architecture(self.unet, spacing, patch_size, self.UNet_base_num_features,
+                                               self.UNet_max_features_3d),
             'batch_dice': False,
         }
 
