@@ -8,6 +8,27 @@ REALCT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 's
 TARGET_ID, PRETRAIN_ID = 501, 500
 
 
+def stock_finetune_until_first_loss(dataset_id, fold, pretrained_weights: str, env: dict) -> str:
+    """Output of stock `nnUNetv2_train <d> 3d_fullres <fold> -p nnScreenerPlans -tr nnScreenerFinetuneTrainer_tiny
+    -pretrained_weights ...` on the CPU, stopped after the first epoch's training loss: the weights loaded and the
+    steps ran (the validation export that would follow is what the pipeline test covers)."""
+    import subprocess
+    process = subprocess.Popen(['nnUNetv2_train', str(dataset_id), '3d_fullres', str(fold), '-p', 'nnScreenerPlans',
+                                '-tr', 'nnScreenerFinetuneTrainer_tiny', '-device', 'cpu', '-pretrained_weights',
+                                pretrained_weights],
+                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if 'train_loss' in line:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return ''.join(output)
+
+
 def nnunet_env(root) -> dict:
     env = {k: str(root / k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for folder in env.values():

@@ -4,7 +4,6 @@ distilled UNet, a mismatching preset refused with one line."""
 import glob
 import json
 import os
-import subprocess
 from os.path import isdir, isfile, join
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import nnunet_env
+from conftest import nnunet_env, stock_finetune_until_first_loss
 from test_safety import one_line_error, run_cli
 
 SOURCE_ID, TARGET_ID = 900, 501
@@ -156,22 +155,7 @@ def test_planner_refuses_plans_whose_network_differs_from_the_source(in_world):
 
 
 def test_stock_nnunet_train_fine_tunes_the_target_from_the_source_distilled_unet(in_world):
-    """Stopped after the first epoch's training loss: the weights loaded, the steps ran (the validation export that
-    follows is what the pipeline test covers)."""
     env, checkpoints = in_world
-    process = subprocess.Popen(['nnUNetv2_train', str(TARGET_ID), '3d_fullres', '0', '-p', 'nnScreenerPlans', '-tr',
-                                'nnScreenerFinetuneTrainer_tiny', '-device', 'cpu', '-pretrained_weights',
-                                checkpoints['distillation']],
-                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    try:
-        for line in process.stdout:
-            output.append(line)
-            if 'train_loss' in line:
-                break
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-    text = ''.join(output)
+    text = stock_finetune_until_first_loss(TARGET_ID, 0, checkpoints['distillation'], env)
     assert 'Loading pretrained weights' in text and 'train_loss' in text, text[-3000:]
     assert 'Traceback' not in text, text[-3000:]
