@@ -5,7 +5,6 @@ dataset (each case is validated exactly once, so per-case Dice of all folds can 
 fold's training set is n_train cases drawn from the cases outside its validation fold. Written as nnU-Net's
 `splits_final.json`, which `nnUNetv2_train` then uses for folds 0..k-1.
 """
-import argparse
 import math
 import os
 from typing import Dict, List, Sequence, Union
@@ -13,6 +12,7 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from nnscreener.utilities.cli import argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.io import atomic_save_json
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
@@ -98,8 +98,8 @@ def write_lowshot_splits(dataset: Union[int, str], n_train: int = 25, k: int = 3
 
 @exit_on_input_error
 def lowshot_splits_entry():
-    parser = argparse.ArgumentParser(description="Write nnU-Net splits_final.json for the paper's low-shot protocol: "
-                                                 "k-fold CV, n_train labeled training cases per fold.")
+    parser = argument_parser("Write nnU-Net splits_final.json for the paper's low-shot protocol: "
+                             "k-fold CV, n_train labeled training cases per fold.")
     parser.add_argument('-d', required=True, help='dataset id or name (e.g. 501 or Dataset501_LIDC)')
     parser.add_argument('-n', type=int, default=25, help='training cases per fold (paper: 25)')
     parser.add_argument('-k', type=int, default=3, help='number of folds (paper: 3)')

@@ -3,7 +3,6 @@ image-only pretraining dataset (lesions in a small fraction of cases), each with
 
     nnScreener_make_phantoms -d 501 -pretrain_d 500 -n_labeled 40 -n_unlabeled 100 --preset tiny
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from nnscreener.phantoms.generator import PRESETS, PhantomPreset, generate_phantom_case, get_preset
 from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.montage import save_montage
+from nnscreener.utilities.cli import argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 
 DATASET_NAMES = {'target': 'ScreenerPhantomLesions', 'pretrain': 'ScreenerPhantomPretrain'}
@@ -179,9 +179,9 @@ def _dataset_id(text: str) -> int | None:
 
 @exit_on_input_error
 def make_phantoms_entry():
-    parser = argparse.ArgumentParser(description='Write CT phantom datasets (nnU-Net v2 raw format) into '
-                                                 '$nnUNet_raw: a labeled lesion dataset and an unlabeled '
-                                                 'pretraining dataset.')
+    parser = argument_parser('Write CT phantom datasets (nnU-Net v2 raw format) into '
+                             '$nnUNet_raw: a labeled lesion dataset and an unlabeled '
+                             'pretraining dataset.')
     parser.add_argument('-d', type=int, default=501, help='id of the labeled target dataset (default 501)')
     parser.add_argument('-pretrain_d', type=str, default='500',
                         help="id of the unlabeled pretraining dataset, or 'none' to skip it (default 500)")
