@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TARGET_ID, nnunet_env
+from conftest import TARGET_ID
 from test_safety import (NAME, StockModel, ct_volume, folder_digest, one_line_error, phantom_plans, predict_maps,
                          run_cli, run_cli_ok, truncate, use_fresh_nnunet_folders)
 from nnscreener.preprocessing.validation import check_ct_image
@@ -192,10 +192,7 @@ def test_compare_refuses_a_copied_fold_summary_and_a_truncated_one(nnunet_env_co
 
 @pytest.fixture
 def nnunet_env_compare(tmp_path, monkeypatch):
-    env = nnunet_env(tmp_path)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
+    return use_fresh_nnunet_folders(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------- 6. one command per folder

@@ -53,9 +53,11 @@ def run_cli(monkeypatch, entry, *args):
     return exit_info.value.code
 
 
-def use_fresh_nnunet_folders(root, monkeypatch):
-    for k, v in nnunet_env(root).items():
+def use_fresh_nnunet_folders(root, monkeypatch) -> dict:
+    env = nnunet_env(root)
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
+    return env
 
 
 def ct_volume(shape=(34, 40, 50)):
