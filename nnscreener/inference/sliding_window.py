@@ -1,4 +1,4 @@
-"""Sliding-window anomaly map of a whole preprocessed CT (the paper's inference, SPEC.md "Inference").
+"""Sliding-window anomaly map of a whole preprocessed CT (the paper's inference; documentation/method.md).
 
 The CT is split into overlapping patches (nnU-Net's step computation), each patch map is upsampled to the patch
 (trilinear) and overlaps are averaged with a *plain mean*, as in the paper. nnU-Net weights overlaps with a Gaussian

@@ -1,6 +1,6 @@
 """Presets of nnscreener: network size, patch and the Screener hyper-parameters, recorded in the plans.
 
-`default` is the paper's scale (SPEC.md / screener-iclr.txt appendix); `tiny` keeps every code path but runs on a
+`default` is the paper's scale (its appendix; documentation/method.md); `tiny` keeps every code path but runs on a
 CPU in seconds (tests, the phantom demo). The `screener` block of `nnScreenerPlans.json` holds the chosen preset's
 values so every later stage (pretraining, inference) reads its settings from the plans and not from the CLI.
 """

@@ -1,5 +1,5 @@
 """The patient's body: the one mask that the Screener cache, CLAHE, SSL pairs, density training, maps, scan scores and
-the evaluation all use (SPEC.md, "Dense foreground").
+the evaluation all use (the paper's "dense foreground"; documentation/method.md).
 
 The paper crops to the "dense foreground"; the authors' code (vox2vec `get_body_mask`) flood-fills the air from the
 outside, so lungs, airways and bowel gas are *inside* the body. A plain "> -500 HU" mask has the lungs outside (no SSL

@@ -3,7 +3,7 @@
 Why it lives here and not in the plans: nnU-Net's stock preprocessing has no CLAHE, and stock `nnUNetv2_train` /
 `nnUNetv2_predict` must keep working on `nnScreenerPlans`. So the fine-tuned UNet sees the stock nnU-Net input, while
 the Screener models (descriptor, condition, density: the teacher) see CLAHE of the whole volume, computed once per
-volume when the Screener cache is built (per-crop CLAHE would need ~11 CPU cores per GPU, see SPEC.md) and at
+volume when the Screener cache is built (per-crop CLAHE would need ~11 CPU cores per GPU at the paper's throughput) and at
 inference on the whole preprocessed volume.
 """
 import numpy as np
