@@ -165,4 +165,6 @@ def test_ddp_on_cpu_with_gloo_two_processes(phantom_world, tmp_path):
     checkpoint = glob.glob(join(str(tmp_path), NAME, 'nnScreenerDescriptorTrainer__*', 'fold_all',
                                 'checkpoint_final.pth'))
     assert checkpoint and torch.load(checkpoint[0], weights_only=True)['screener']['step'] == 10
-    assert 'I am local rank 1' in result.stdout, 'two DDP processes must have run'
+    log = open(join(str(tmp_path), NAME, 'nnscreener_pretrain.log')).read()  # nnU-Net's console output of both ranks
+    assert 'I am local rank 1' in log, 'two DDP processes must have run'
+    assert 'Please cite' not in result.stdout + result.stderr  # nnU-Net's banner: in the stage's training log only

@@ -3,7 +3,6 @@
 Multi-GPU follows nnU-Net: `-num_gpus N` spawns N DDP processes (NCCL on CUDA, gloo on CPU), and a launch under
 `torchrun` joins the process group torchrun set up.
 """
-import argparse
 import os
 from os.path import isfile, join
 from typing import Sequence
@@ -15,10 +14,13 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, check_same_screener_input
+from nnscreener.training.progress import StageProgress
 from nnscreener.training.stage_trainer import SEED_ENV
 from nnscreener.training.stage_runs import StageRun, plan_stage_run
 from nnscreener.training.stages import (PRETRAIN_FOLD, STAGE_TRAINERS, screener_dataset, stage_checkpoint,
                                        stage_folder)
+from nnscreener.utilities.cli import add_device_argument, argument_parser
+from nnscreener.utilities.console import output_to_log
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
 from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
 
@@ -44,18 +46,33 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
         return _uses_screener_of(name, screener_dataset(name), checkpoints)
     if seed is not None:
         os.environ[SEED_ENV] = str(seed)
-    for stage in [s for s in STAGE_TRAINERS if s in stages]:  # paper order, whatever order was typed
-        trainer_class = _stage_trainer_class(trainers[stage])
-        screener = trainer_class.training_screener(load_json(_plans_file(name))['screener'])
-        run = plan_stage_run(stage_folder(name, stage, trainers[stage]), trainer_class.stage, screener, continue_)
+    ordered = [s for s in STAGE_TRAINERS if s in stages]  # paper order, whatever order was typed
+    classes = [_stage_trainer_class(trainers[s]) for s in ordered]
+    screeners = [c.training_screener(load_json(_plans_file(name))['screener']) for c in classes]
+    steps = [int(screener[c.stage]['num_steps']) for c, screener in zip(classes, screeners)]  # for the ETA
+    told_where = False
+    for k, stage in enumerate(ordered):
+        run = plan_stage_run(stage_folder(name, stage, trainers[stage]), classes[k].stage, screeners[k], continue_)
         if run.finished:
             print(f'{stage}: finished earlier with these plans ({stage_checkpoint(name, stage, trainers[stage])}), '
                   f'skipping')
             continue
-        print(f'==== Screener stage: {stage} ({trainers[stage]})'
-              + (f', continuing {run.resume_from}' if run.resume_from else '') + ' ====')
-        run_stage(name, trainers[stage], run, torch.device(device), num_gpus)
+        if not told_where:
+            print(f'Each stage logs to its fold_{PRETRAIN_FOLD}/training_log_*.txt; nnU-Net\'s console output goes '
+                  f'to {pretrain_log_file(name)}', flush=True)
+            told_where = True
+        if run.resume_from:
+            print(f'{stage}: continuing {run.resume_from}', flush=True)
+        progress = StageProgress(f'pretrain stage {k + 1}/{len(ordered)} {stage} ({trainers[stage]})', sum(steps[:k]),
+                                 sum(steps), k == len(ordered) - 1)
+        run_stage(name, trainers[stage], run, torch.device(device), num_gpus, progress)
     return checkpoints
+
+
+def pretrain_log_file(name: str) -> str:
+    """Where the console output of the stage trainings goes (nnU-Net's trainer search and citation banner, library
+    warnings); each stage's own log is nnU-Net's training_log_*.txt in its fold folder."""
+    return join(os.environ['nnUNet_results'], name, 'nnscreener_pretrain.log')
 
 
 def _plans_file(name: str) -> str:
@@ -99,22 +116,23 @@ def _check_plans(name: str, preset: str) -> None:
                                  f'nnScreener_plan_and_preprocess -d {name} --preset {preset}')
 
 
-def run_stage(name: str, trainer_name: str, run: StageRun, device: torch.device, num_gpus: int) -> None:
+def run_stage(name: str, trainer_name: str, run: StageRun, device: torch.device, num_gpus: int,
+              progress: StageProgress = None) -> None:
     if num_gpus > 1:
         os.environ.setdefault('MASTER_ADDR', 'localhost')
         if 'MASTER_PORT' not in os.environ:
             from nnunetv2.run.run_training import find_free_network_port
             os.environ['MASTER_PORT'] = str(find_free_network_port())
-        mp.spawn(_ddp_worker, args=(num_gpus, name, trainer_name, run, device.type), nprocs=num_gpus,
+        mp.spawn(_ddp_worker, args=(num_gpus, name, trainer_name, run, device.type, progress), nprocs=num_gpus,
                  join=True)
     elif int(os.environ.get('WORLD_SIZE', 1)) > 1:  # started by torchrun
         _init_process_group(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device.type)
         try:
-            _train(name, trainer_name, run, _rank_device(device.type))
+            _train(name, trainer_name, run, _rank_device(device.type), progress)
         finally:
             dist.destroy_process_group()
     else:
-        _train(name, trainer_name, run, device)
+        _train(name, trainer_name, run, device, progress)
 
 
 def _init_process_group(rank: int, world_size: int, device_type: str) -> None:
@@ -129,39 +147,43 @@ def _rank_device(device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
-def _ddp_worker(rank: int, world_size: int, name: str, trainer_name: str, run: StageRun, device_type: str):
+def _ddp_worker(rank: int, world_size: int, name: str, trainer_name: str, run: StageRun, device_type: str,
+                progress: StageProgress):
     _init_process_group(rank, world_size, device_type)
     try:
-        _train(name, trainer_name, run, _rank_device(device_type))
+        _train(name, trainer_name, run, _rank_device(device_type), progress)
     finally:
         dist.destroy_process_group()
 
 
-def _train(name: str, trainer_name: str, run: StageRun, device: torch.device) -> None:
-    """One process's part of a stage run: not nnU-Net's maybe_load_checkpoint, which would take any
-    checkpoint_final.pth, however old, for the result of this run."""
+def _train(name: str, trainer_name: str, run: StageRun, device: torch.device, progress: StageProgress = None) -> None:
+    """One process's part of a stage run, its console output in the pretrain log: not nnU-Net's
+    maybe_load_checkpoint, which would take any checkpoint_final.pth, however old, for the result of this run."""
     from nnunetv2.run.run_training import get_trainer_from_args
-    trainer = get_trainer_from_args(name, CONFIGURATION, PRETRAIN_FOLD, trainer_name, SCREENER_PLANS_NAME,
-                                    run.resume_from is not None, device=device)
-    trainer.run_id = run.run_id
-    if run.resume_from is not None:
-        trainer.load_checkpoint(run.resume_from)
-    trainer.run_training()
+    with output_to_log(pretrain_log_file(name), f'{trainer_name} on {device}'):
+        trainer = get_trainer_from_args(name, CONFIGURATION, PRETRAIN_FOLD, trainer_name, SCREENER_PLANS_NAME,
+                                        run.resume_from is not None, device=device)
+        trainer.run_id = run.run_id
+        trainer.progress = progress
+        if run.resume_from is not None:
+            trainer.load_checkpoint(run.resume_from)
+        trainer.run_training()
 
 
 @exit_on_input_error
 def pretrain_entry():
-    parser = argparse.ArgumentParser(description='Screener pretraining: descriptor -> condition -> density -> '
-                                                 'distillation, written to nnUNet_results like nnU-Net trainings.')
+    parser = argument_parser('Screener pretraining: descriptor -> condition -> density -> distillation, written to '
+                             'nnUNet_results like nnU-Net trainings.')
     parser.add_argument('-d', required=True, help='dataset id or name (planned with nnScreener_plan_and_preprocess)')
-    parser.add_argument('--stages', nargs='+', default=list(STAGE_TRAINERS), choices=list(STAGE_TRAINERS))
+    parser.add_argument('--stages', nargs='+', default=list(STAGE_TRAINERS), choices=list(STAGE_TRAINERS),
+                        help=f'stages to train, run in the paper\'s order (default: all four, {" ".join(STAGE_TRAINERS)})')
     parser.add_argument('--preset', default=None,
                         help=f'assert the preset the plans were made with ({", ".join(sorted(PRESETS))}, with overrides '
-                             f'as planned)')
+                             f'as planned) (default: no check)')
     parser.add_argument('--c', action='store_true',
                         help='continue: skip stages finished with these plans, resume the current run of the others '
                              '(and continue a finished stage whose plans now ask for more steps)')
-    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    add_device_argument(parser)
     parser.add_argument('-num_gpus', type=int, default=1, help='DDP processes (gloo on CPU, NCCL on CUDA)')
     parser.add_argument('--density_trainer', default=None,
                         help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _marginalGaussian, '

@@ -1,8 +1,26 @@
-"""Loss history of a Screener stage: log means and a loss-curve PNG (what a person looks at first)."""
+"""Progress of Screener stages: the console bar over all stages of a pretraining, and each stage's loss history
+(log means and a loss-curve PNG, what a person looks at first)."""
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, NamedTuple
 
 import numpy as np
+
+from nnscreener.utilities.console import progress_bar
+
+
+class StageProgress(NamedTuple):
+    """Where one stage run sits in its pretraining (sent to DDP workers, so plain values): its bar counts the steps
+    of all stages, so tqdm's ETA is that of the whole pretraining at the current stage's speed."""
+    desc: str  # e.g. 'pretrain stage 2/4 condition (nnScreenerConditionTrainer)'
+    steps_before: int  # steps of the earlier stages of this pretraining
+    steps_total: int  # steps of all its stages
+    last: bool  # the last stage: its bar stays on the console; the others give their line to the next one
+
+    def bar(self, current_step: int):
+        return progress_bar(desc=self.desc, total=self.steps_total, initial=self.steps_before + current_step,
+                            leave=self.last, unit='step',
+                            bar_format='{desc}: {percentage:3.0f}% of all stages, {n_fmt}/{total_fmt} steps '
+                                       '[stage {elapsed}, ETA of all {remaining}, {rate_fmt}]')
 
 
 class LossHistory:
