@@ -149,6 +149,8 @@ def test_compare_trainers_matches_scipy_and_writes_outputs(nnunet_env, tmp_path)
     assert result['labels']['1']['p_value'] < 0.01  # B is clearly better on label 1
     markdown = (tmp_path / 'cmp' / 'comparison.md').read_text()
     assert '| A | ' in markdown and '↑' in markdown and 'p < 0.01' in markdown
+    means = [result['labels'][label][f'mean_dice_{arm}'] for arm in 'ab' for label in '12']
+    assert all(f'{m:.3f}' in markdown for m in means)  # 3 decimals: 0.00 vs 0.00 next to an arrow said nothing
     saved = json.loads((tmp_path / 'cmp' / 'comparison.json').read_text())
     assert saved['labels']['1']['dice_a'][0] is None  # NaN stored as null, the JSON stays strict
     assert (tmp_path / 'cmp' / 'comparison.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -164,3 +166,33 @@ def test_compare_refuses_mismatched_cases_and_missing_summary(nnunet_env, monkey
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert 'fold_3' in error and 'nnUNetv2_train 501 3d_fullres 3 -p nnScreenerPlans -tr A' in error
+
+
+# ---------------------------------------------------------------- the CPU low-shot benchmark's trainer pair
+
+
+def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_world):
+    """The benchmark's two arms: nnUNetv2_train finds both, they build with one schedule (all patches around a
+    lesion at the plans' batch), and the Finetune one adds nothing but the name (the distilled weights come in through
+    stock -pretrained_weights)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnscreener.phantoms.make_phantoms import dataset_folder_name
+    from nnscreener.utilities.paths import preprocessed_dataset_folder
+    folder = preprocessed_dataset_folder(dataset_folder_name(501, 'target'))
+    built = []
+    for name in ('nnScreenerFromScratchTrainer_cpuLowshot', 'nnScreenerFinetuneTrainer_cpuLowshot'):
+        cls = recursive_find_trainer_class_by_name(name)  # as nnUNetv2_train finds it
+        plans = {**load_json(join(folder, 'nnScreenerPlans.json')), 'continue_training': False}
+        built.append(cls(plans, '3d_fullres', 0, load_json(join(folder, 'dataset.json')), torch.device('cpu')))
+    scratch, finetune = built
+    assert not {k for k in vars(type(finetune)) if not k.startswith('__')}
+    schedule = ('num_epochs', 'warmup_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch',
+                'initial_lr', 'weight_decay', 'batch_size', 'oversample_foreground_percent',
+                'inference_allowed_mirroring_axes')
+    assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
+    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 1000
+    # nnU-Net's loader draws round(batch * (1 - p)) random patches per batch, the rest around foreground
+    assert round(scratch.batch_size * (1 - scratch.oversample_foreground_percent)) == 0
