@@ -196,3 +196,24 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     assert scratch.num_epochs * scratch.num_iterations_per_epoch == 1000
     # nnU-Net's loader draws round(batch * (1 - p)) random patches per batch, the rest around foreground
     assert round(scratch.batch_size * (1 - scratch.oversample_foreground_percent)) == 0
+
+
+def test_demo_shows_the_paired_test_only_where_training_from_scratch_learned(nnunet_env, capsys):
+    """The demo's last step: a 'significant' change between two Dice near 0 is noise, so no arrow and no p-value."""
+    from nnscreener.run.demo import _print_comparison
+    rng = np.random.default_rng(2)
+    for fold in range(3):
+        a = {f'ph_{fold}{i}': {1: float(rng.uniform(0, 1e-3))} for i in range(6)}
+        write_fold_summary(nnunet_env['nnUNet_results'], 'A', fold, a)
+        write_fold_summary(nnunet_env['nnUNet_results'], 'B', fold, {c: {1: 2 * d[1]} for c, d in a.items()})
+    near_zero = compare_trainers(501, 'A', 'B', verbose=False)
+    assert near_zero['labels']['1']['p_value'] < 0.01  # what compare's own table reports
+    _print_comparison(near_zero)
+    printed = capsys.readouterr().out
+    assert 'only shows that the commands work' in printed and '0.000' in printed
+    assert not any(s in printed for s in ('↑', '↓', 'p <', 'p ='))
+
+    make_results(nnunet_env['nnUNet_results'], rng)  # from scratch Dice 0.1 to 0.6: the table with the test
+    _print_comparison(compare_trainers(501, 'A', 'B', verbose=False))
+    printed = capsys.readouterr().out
+    assert '↑' in printed and 'p < 0.01' in printed and 'commands work' not in printed
