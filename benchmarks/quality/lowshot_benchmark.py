@@ -1,61 +1,230 @@
 """Low-shot fine-tuning on CT phantoms: nnU-Net from scratch vs from the distilled Screener UNet (paper Table 2).
 
-    python benchmarks/quality/lowshot_benchmark.py --work /tmp/quality --device cpu
+    python benchmarks/quality/lowshot_benchmark.py --work /tmp/quality --device cpu --control \
+        --results_json ../results/lowshot.json \
+        --plot ../../documentation/images/lowshot_loss.png
 
-Runs on the world of phantom_benchmark.py (same --work; run that first, at least seed 0, for the distilled UNet):
-k folds whose validation parts partition the labeled phantoms, each training on n labeled cases only, with stock
-`nnUNetv2_train`; then `nnScreener_compare`'s API (per-case Dice, relative change, paired Wilcoxon). Writes
-lowshot.{json,md,png} to --out. Re-running resumes finished folds.
+Runs on the world of phantom_benchmark.py (same --work; run that first, at least seed 0, for the distilled UNet),
+which it only reads: each arm ('lowshot', and with --control 'full_data') gets its own nnUNet_preprocessed (the
+world's plans and files linked, its own splits_final.json) and nnUNet_results under --lowshot_work. k folds whose
+validation parts partition the labeled phantoms, each training on n labeled cases only (full data: every case outside
+the fold), stock `nnUNetv2_train` for both trainers with one schedule, then `nnScreener_compare`'s API (per-case
+Dice, relative change, paired Wilcoxon) per fold and pooled. Also measures how far fine-tuning moves the distilled
+weights and keeps both trainers' loss curves. Re-running resumes finished folds.
 """
 import argparse
 import os
-import shutil
-from os.path import join
+import time
+from concurrent.futures import ProcessPoolExecutor
+from os.path import isdir, isfile, join
 
-from nnscreener.evaluation.compare import OUTPUT_BASENAME, compare_trainers
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from nnscreener.evaluation.compare import compare_trainers, paired_dice_test
 from nnscreener.evaluation.evaluate import json_ready
-from nnscreener.finetuning.lowshot_splits import write_lowshot_splits
+from nnscreener.finetuning.lowshot_splits import dataset_case_ids, write_lowshot_splits
 from nnscreener.finetuning.nnunet_train import nnunet_train
-from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.training.stages import stage_checkpoint
-from nnscreener.utilities.io import atomic_save_json
-from world import TARGET, TARGET_NAME, machine, timed, use_results, use_work_folder
+from nnscreener.trainers import nnscreener_finetune_trainers
+from nnscreener.utilities.io import atomic_path, atomic_save_json
+from world import TARGET, TARGET_NAME, machine, use_work_folder
+
+LESION_LABEL = '1'
+ARM_KEYS = {'scratch': 'nnScreenerFromScratchTrainer', 'screener': 'nnScreenerFinetuneTrainer'}
+
+
+def arm_environment(world_preprocessed: str, root: str) -> None:
+    """Points nnU-Net at root/nnUNet_preprocessed (the world's plans and data linked, nnU-Net only reads them; so
+    this arm's splits_final.json leaves the world untouched) and root/nnUNet_results."""
+    source, target = join(world_preprocessed, TARGET_NAME), join(root, 'nnUNet_preprocessed', TARGET_NAME)
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+        if name != 'splits_final.json' and not os.path.lexists(join(target, name)):
+            os.symlink(join(source, name), join(target, name))
+    os.environ['nnUNet_preprocessed'] = join(root, 'nnUNet_preprocessed')
+    os.environ['nnUNet_results'] = join(root, 'nnUNet_results')
+    os.makedirs(os.environ['nnUNet_results'], exist_ok=True)
+
+
+def trainer_folder(trainer: str, fold: int) -> str:
+    return join(os.environ['nnUNet_results'], TARGET_NAME, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
+                f'fold_{fold}')
+
+
+def train_one(fold: int, trainer: str, weights, device: str, num_processes: int) -> float:
+    """One stock nnUNetv2_train, its output in a log beside the results; returns its wall time (s)."""
+    t0 = time.time()
+    nnunet_train(TARGET, fold, trainer, weights, device, num_processes,
+                 log_file=join(os.environ['nnUNet_results'], f'{trainer}_fold{fold}.log'))
+    return time.time() - t0
+
+
+def train_fold(fold: int, trainers: dict, distilled: str, args, timings: dict) -> None:
+    """Both trainers of one fold, at once with --jobs 2 (each single-threaded: two cores, two trainings); in worker
+    processes, because the log redirection of nnunet_train is per process."""
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {trainer: pool.submit(train_one, fold, trainer, distilled if arm == 'screener' else None,
+                                        args.device, args.np) for arm, trainer in trainers.items()}
+        for trainer, future in futures.items():
+            timings[f'{trainer} fold {fold}'] = round(future.result())
+
+
+def dice_stats(dice) -> dict:
+    dice = np.asarray(dice, dtype=float)
+    dice = dice[~np.isnan(dice)]
+    return {'dice_mean': float(dice.mean()), 'dice_sd': float(dice.std(ddof=1)) if dice.size > 1 else 0.0,
+            'n': int(dice.size)}
+
+
+def table_row(dice_a, dice_b) -> dict:
+    """{'scratch': mean, sd; 'screener': mean, sd, relative change, two-sided Wilcoxon p} over paired cases."""
+    test = paired_dice_test(dice_a, dice_b)
+    valid = ~(np.isnan(np.asarray(dice_a, float)) | np.isnan(np.asarray(dice_b, float)))
+    return {'scratch': dice_stats(np.asarray(dice_a, float)[valid]),
+            'screener': {**dice_stats(np.asarray(dice_b, float)[valid]),
+                         'rel_change_pct': test['relative_change_percent'], 'p': test['p_value']},
+            'n_pairs': test['n_pairs'], 'n_excluded_nan': test['n_excluded_nan']}
+
+
+def comparison_rows(comparison: dict, folds) -> dict:
+    """Pooled and per-fold rows of the lesion label from compare_trainers' paired per-case Dice."""
+    label = comparison['labels'][LESION_LABEL]
+    rows = {'pooled': table_row(label['dice_a'], label['dice_b']), 'per_fold': []}
+    for fold in folds:
+        keep = [case.startswith(f'fold_{fold}/') for case in label['cases']]
+        rows['per_fold'].append({'fold': fold, **table_row(np.asarray(label['dice_a'])[keep],
+                                                            np.asarray(label['dice_b'])[keep])})
+    return rows
+
+
+def network_weights(checkpoint: str) -> dict:
+    return torch.load(checkpoint, map_location='cpu', weights_only=True)['network_weights']
+
+
+def weight_groups(weights: dict) -> dict:
+    """{'encoder stage i' / 'decoder stage i': [conv and norm tensors]}; the aliases dynamic-network-architectures
+    stores twice (all_modules, decoder.encoder) and the re-initialised seg_layers are left out."""
+    groups = {}
+    for key, value in weights.items():
+        parts = key.split('.')
+        if 'all_modules' in parts or key.startswith('decoder.encoder.') or 'seg_layers' in parts:
+            continue
+        if parts[0] == 'encoder' and parts[1] == 'stages':
+            groups.setdefault(f'encoder stage {parts[2]}', []).append(value.float().flatten())
+        elif parts[0] == 'decoder' and parts[1] in ('stages', 'transpconvs'):
+            groups.setdefault(f'decoder stage {parts[2]}', []).append(value.float().flatten())
+    return {name: torch.cat(tensors) for name, tensors in groups.items()}
+
+
+def weight_change(distilled: str, finetuned: str, scratch: str) -> dict:
+    """Per UNet stage: ||W_finetuned - W_distilled|| / ||W_distilled|| and the cosine of the two; the cosine between
+    the from-scratch weights and the distilled ones is the level of no shared features."""
+    start, end, other = (weight_groups(network_weights(c)) for c in (distilled, finetuned, scratch))
+    cosine = torch.nn.functional.cosine_similarity
+    return {name: {'relative_change': float((end[name] - w).norm() / w.norm()),
+                   'cosine_finetuned_vs_distilled': float(cosine(end[name], w, dim=0)),
+                   'cosine_scratch_vs_distilled': float(cosine(other[name], w, dim=0))}
+            for name, w in start.items()}
+
+
+def loss_curves(checkpoint: str) -> dict:
+    """nnU-Net's per-epoch log (train and validation loss, pseudo Dice) kept in its checkpoint."""
+    logging = torch.load(checkpoint, map_location='cpu', weights_only=False)['logging']
+    return {key: [float(v) for v in logging[key]] for key in ('train_losses', 'val_losses', 'mean_fg_dice')}
+
+
+def save_loss_plot(curves: dict, fname: str) -> None:
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
+    for name, c in curves.items():  # 'scratch fold 0': ...
+        style = dict(color='tab:blue' if name.startswith('scratch') else 'tab:red', alpha=0.7)
+        axes[0].plot(c['train_losses'], label=name, **style)
+        axes[1].plot(c['mean_fg_dice'], **style)
+    axes[0].set(xlabel='epoch', ylabel='training loss (Dice + CE)')
+    axes[1].set(xlabel='epoch', ylabel='pseudo Dice (validation patches)')
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(fname) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timings: dict) -> dict:
+    """Trains (resuming) and compares one arm; returns its table rows, weight changes and loss curves."""
+    arm_environment(args.world_preprocessed, join(args.lowshot_work, arm))
+    write_lowshot_splits(TARGET, n_train, args.folds, seed=0, overwrite=True)
+    folds = [f for f in range(args.folds) if f < (args.control_folds if arm == 'full_data' else args.folds)]
+    for fold in folds:
+        train_fold(fold, trainers, distilled, args, timings)
+    comparison = compare_trainers(TARGET, trainers['scratch'], trainers['screener'], SCREENER_PLANS_NAME,
+                                  tuple(folds), output_folder=join(args.lowshot_work, arm, 'comparison'),
+                                  verbose=False)
+    final = {a: [join(trainer_folder(t, f), 'checkpoint_final.pth') for f in folds] for a, t in trainers.items()}
+    return {**comparison_rows(comparison, folds), 'n_train': n_train, 'folds_done': folds,
+            'weight_change_fold0': weight_change(distilled, final['screener'][0], final['scratch'][0]),
+            'loss_curves': {f'{a} fold {f}': loss_curves(c) for a in final for f, c in zip(folds, final[a])}}
+
+
+def schedule(trainer: str) -> dict:
+    cls = getattr(nnscreener_finetune_trainers, trainer)
+    return {'trainer_pair': list(ARM_KEYS[a] + trainer[len('nnScreenerFromScratchTrainer'):] for a in ARM_KEYS),
+            'epochs': cls.EPOCHS, 'iterations_per_epoch': cls.ITERATIONS, 'warmup_epochs': cls.WARMUP_EPOCHS,
+            'val_iterations_per_epoch': cls.VAL_ITERATIONS, 'foreground_patch_share': cls.FOREGROUND_PATCHES,
+            'initial_lr': 1e-2, 'optimizer': 'SGD momentum 0.99 nesterov, warm-up then poly decay',
+            'mirroring': False} if hasattr(cls, 'EPOCHS') else {'trainer_pair': trainer}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--work', required=True, help='the work folder of phantom_benchmark.py')
-    parser.add_argument('--out', default=None, help='results folder (default <work>/results)')
+    parser.add_argument('--work', required=True, help='the work folder of phantom_benchmark.py (only read)')
+    parser.add_argument('--lowshot_work', default=None, help='folder for the trainings (default <work>_lowshot)')
+    parser.add_argument('--results_json', default=None, help='summary JSON (default <lowshot_work>/lowshot.json)')
+    parser.add_argument('--plot', default=None, help='loss-curve PNG (default <lowshot_work>/lowshot_loss.png)')
     parser.add_argument('--n_train', type=int, default=25, help='labeled training cases per fold')
     parser.add_argument('--folds', type=int, default=3)
+    parser.add_argument('--control', action='store_true', help='also the full-data control (every case outside '
+                                                               'the validation fold, both trainers)')
+    parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
-    parser.add_argument('--schedule', default='cpuBenchmark',
-                        help='trainer suffix: cpuBenchmark (12 x 20 iterations), 100epochs, or "" (300 epochs)')
+    parser.add_argument('--schedule', default='cpuLowshot',
+                        help='trainer suffix: cpuLowshot (25 x 40 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('-np', type=int, default=2, help='nnU-Net worker processes')
+    parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
+    parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training')
     args = parser.parse_args()
-    out = args.out or join(args.work, 'results')
-    os.makedirs(out, exist_ok=True)
+    args.lowshot_work = os.path.abspath(args.lowshot_work or args.work.rstrip('/') + '_lowshot')
     suffix = f'_{args.schedule}' if args.schedule else ''
-    scratch, finetune = f'nnScreenerFromScratchTrainer{suffix}', f'nnScreenerFinetuneTrainer{suffix}'
-    timings = {}
+    trainers = {arm: name + suffix for arm, name in ARM_KEYS.items()}
     use_work_folder(args.work)
-    if not os.path.isdir(join(os.environ['nnUNet_preprocessed'], TARGET_NAME)):
+    args.world_preprocessed = os.environ['nnUNet_preprocessed']
+    if not isdir(join(args.world_preprocessed, TARGET_NAME)):
         raise SystemExit(f'no phantom world in {args.work}: run phantom_benchmark.py --work {args.work} first')
-    use_results(args.work, f"seed{args.pretrain_seed}")
-    write_lowshot_splits(TARGET, args.n_train, args.folds, seed=0, overwrite=True)
+    os.environ['nnUNet_results'] = os.path.abspath(join(args.work, f'nnUNet_results_seed{args.pretrain_seed}'))
     distilled = stage_checkpoint(TARGET_NAME, 'distillation')
-    for fold in range(args.folds):
-        with timed(timings, scratch):
-            nnunet_train(TARGET, fold, scratch, None, args.device, args.np)
-        with timed(timings, finetune):
-            nnunet_train(TARGET, fold, finetune, distilled, args.device, args.np)
-    comparison = compare_trainers(TARGET, scratch, finetune, SCREENER_PLANS_NAME, tuple(range(args.folds)),
-                                  output_folder=join(args.work, 'lowshot_comparison'))
-    for ending in ('.md', '.png'):
-        shutil.copyfile(join(args.work, 'lowshot_comparison', OUTPUT_BASENAME + ending), join(out, 'lowshot' + ending))
-    atomic_save_json(json_ready({'settings': {**vars(args), 'machine': machine()}, 'timings_s': timings,
-                                 'comparison': comparison}), join(out, 'lowshot.json'))
+    if not isfile(distilled):
+        raise SystemExit(f'{distilled} missing: run phantom_benchmark.py --seeds {args.pretrain_seed} first')
+    n_cases = len(dataset_case_ids(TARGET))
+    timings = {}
+    result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases}
+    lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
+    result.update({k: lowshot['pooled'][k] for k in ('scratch', 'screener')}, per_fold=lowshot['per_fold'],
+                  weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
+    if args.control:
+        n_full = n_cases - -(-n_cases // args.folds)  # every case outside the largest validation fold
+        full = run_arm('full_data', n_full, args, distilled, trainers, timings)
+        result['full_data'] = {**full['pooled'], 'per_fold': full['per_fold'], 'n_train': n_full,
+                               'folds_done': full['folds_done'], 'weight_change_fold0': full['weight_change_fold0'],
+                               'loss_curves': full['loss_curves']}
+    save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
+    result.update(machine(), seeds={'phantoms': 0, 'splits': 0, 'pretraining': args.pretrain_seed},
+                  schedule=schedule(trainers['scratch']), distilled_checkpoint=distilled,
+                  timings_s=timings)
+    out = args.results_json or join(args.lowshot_work, 'lowshot.json')
+    atomic_save_json(json_ready(result), out)
+    print(f"written {out}: scratch {result['scratch']['dice_mean']:.3f}, "
+          f"screener {result['screener']['dice_mean']:.3f} (p = {result['screener']['p']:.3g})")
 
 
 if __name__ == '__main__':

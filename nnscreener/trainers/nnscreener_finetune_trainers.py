@@ -85,3 +85,24 @@ class nnScreenerFromScratchTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_tin
 
 class nnScreenerFinetuneTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_cpuBenchmark):
     pass
+
+
+class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny):
+    """The CPU low-shot benchmark (benchmarks/quality/lowshot_benchmark.py), sized by measurement on 2 shared cores
+    (documentation/benchmarks.md): 25 epochs x 40 steps at the plans' batch (2) and patch, nnU-Net's lr 1e-2 after 2
+    warm-up epochs, no mirroring (as _tiny). Every patch is drawn around a lesion: at batch 2 nnU-Net's 33 % means
+    one lesion patch per step, and 12 x 20 such steps (_cpuBenchmark) predicted no lesion at all; lesion patches
+    still are ~98 % normal tissue, so background is learned too. The Finetune twin differs only in its
+    initialisation (`-pretrained_weights`)."""
+    EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS, FOREGROUND_PATCHES = 25, 2, 40, 4, 1.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.warmup_epochs = self.EPOCHS, self.WARMUP_EPOCHS
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.ITERATIONS, self.VAL_ITERATIONS
+        self.oversample_foreground_percent = self.FOREGROUND_PATCHES
+
+
+class nnScreenerFinetuneTrainer_cpuLowshot(nnScreenerFromScratchTrainer_cpuLowshot):
+    pass
