@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from nnscreener.density.pooling import body_mean, pooled_body
+from nnscreener.distillation.objective import DistillationObjective
 from nnscreener.inference.anomaly_maps import body_anomaly_map
 from nnscreener.planners.presets import get_preset
 from nnscreener.preprocessing.screener_cache import ScreenerView
-from nnscreener.trainers.nnscreener_distillation_trainer import DistillationObjective
 from nnscreener.utilities.errors import ScreenerInputError
 
 PATCH = (4, 6, 6)

@@ -16,6 +16,8 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Sta
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
+from nnscreener.utilities.cache_channels import crop_channels
+
 BLOCK = dict(conv_op=nn.Conv3d, conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={'eps': 1e-5, 'affine': True},
              dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={'inplace': True})
 
@@ -62,3 +64,16 @@ def reconstruction_error_map(autoencoder: nn.Module, x: torch.Tensor, pool_strid
     """
     error = (autoencoder(x).float() - x.float()) ** 2
     return F.avg_pool3d(error, tuple(pool_stride), tuple(pool_stride))
+
+
+class AutoencoderObjective(nn.Module):
+    """Training loss of the autoencoder baseline: mean squared reconstruction error of the stock nnU-Net input
+    (the HU channel the error maps are made of). batch: data (B, 3, *patch) Screener-cache crops."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.network = autoencoder
+
+    def forward(self, batch: dict):
+        x = crop_channels(batch['data'])[0]
+        return F.mse_loss(self.network(x).float(), x.float()), {}

@@ -10,12 +10,9 @@ from abc import ABCMeta, abstractmethod
 import torch
 from torch import nn
 
+from nnscreener.utilities.tensors import at_least_float32
+
 LOG_2PI = math.log(2 * math.pi)
-
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Upcasts bf16/fp16 tensors (autocast outputs) to float32; float32/float64 stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def conv_mlp(in_channels: int, out_channels: int, hidden_channels: int, hidden_layers: int,

@@ -12,7 +12,8 @@ act-norm MLPs run in the autocast dtype, and the 1x1 linear runs with autocast o
 import torch
 from torch import nn
 
-from nnscreener.density.base import DensityModel, at_least_float32, conv_mlp, zero_output_layer_
+from nnscreener.density.base import DensityModel, conv_mlp, zero_output_layer_
+from nnscreener.utilities.tensors import at_least_float32
 
 
 def _per_voxel(logdet: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

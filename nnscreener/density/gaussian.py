@@ -9,7 +9,8 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from nnscreener.density.base import DensityModel, at_least_float32, conv_mlp
+from nnscreener.density.base import DensityModel, conv_mlp
+from nnscreener.utilities.tensors import at_least_float32
 
 
 def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

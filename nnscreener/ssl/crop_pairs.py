@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import affine_transform
 
-from nnscreener.density.base import at_least_float32
+from nnscreener.utilities.tensors import at_least_float32
 
 # Per-axis crop scale (crop extent / patch size), drawn independently per axis and per crop. Screener's code
 # (vox2vec, pretrain_screener) draws the crop spacing uniformly in [1.0, 1.0, 1.5] .. [2.0, 2.0, 3.0] mm (x, y, z)

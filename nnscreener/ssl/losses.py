@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nnscreener.density.base import at_least_float32
 from nnscreener.utilities.errors import ScreenerInputError
+from nnscreener.utilities.tensors import at_least_float32
 
 
 def gather_across_ranks(z: torch.Tensor) -> torch.Tensor:

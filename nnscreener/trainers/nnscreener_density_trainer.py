@@ -1,51 +1,10 @@
 """Stage 3 of Screener: the voxel-wise density model q(y | c) on frozen descriptor and condition maps."""
 from copy import deepcopy
 
-import torch
-import torch.distributed as dist
-from torch import nn
-
 from nnscreener.baselines.intensity import INTENSITY_DIM
-from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.density.pooling import body_mean, pooled_body
-from nnscreener.training.data_loaders import BODY, CLAHE, STOCK
+from nnscreener.density.objective import DensityObjective
 from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 from nnscreener.training.stages import HISTOGRAM_MODEL, density_from_block, modular_screener
-
-
-class DensityObjective(nn.Module):
-    """Mean voxel-wise NLL of pooled, noised (sd 0.1) descriptors given conditions over the body's cells (the table
-    and the room are not part of the data the density describes); only the density model trains.
-
-    The density model is initialised from the first batch (maximum-likelihood Gaussian / act-norm statistics): it
-    starts near the data instead of at N(0, I), which saves many steps. `initialized` is a buffer, so a resumed run
-    does not redo it.
-    """
-
-    def __init__(self, screener: ModularScreener, noise_sd: float):
-        super().__init__()
-        self.screener, self.noise_sd = screener, noise_sd
-        self.network = screener.density
-        self.register_buffer('initialized', torch.tensor(False))
-
-    def forward(self, batch: dict):
-        data = batch['data']
-        with torch.no_grad():
-            x = self.screener.select_input(data[:, STOCK:STOCK + 1], data[:, CLAHE:CLAHE + 1])
-            y, c = self.screener.features(x, batch['crop_start'], self.noise_sd)
-        y, c = y.float(), (c.float() if c is not None else None)
-        body = pooled_body(data[:, BODY:BODY + 1], self.screener.pool_stride)
-        if not self.initialized:
-            self._initialize(y, c)
-        return body_mean(self.network.nll(y, c), body), {}
-
-    @torch.no_grad()
-    def _initialize(self, y, c):
-        self.network.initialize_from_data(y, c)
-        if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's initialisation
-            for p in self.network.parameters():
-                dist.broadcast(p.data, 0)
-        self.initialized.fill_(True)
 
 
 # Screener's noise sd 0.1 is relative to descriptors of unit scale; on [0, 1] intensities (1300 HU) it would blur

@@ -14,8 +14,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnscreener.preprocessing.screener_cache import ScreenerCache
 from nnscreener.ssl.crop_pairs import (CropBox, extract_crop, sample_crop_pair, sample_overlap_positions,
                                        to_view_coords)
-
-STOCK, CLAHE, BODY = 0, 1, 2  # channels of a cache volume
+from nnscreener.utilities.cache_channels import BODY, CLAHE
 
 
 class _CacheLoader(SlimDataLoaderBase):
