@@ -181,6 +181,103 @@ def _maps_model(pred_folder: str) -> str:
     return f"the {model['model']}{variant} model of {model.get('dataset')}, maps in {pred_folder}"
 
 
+def _sample_cases(read, cases: List[str], n_voxels: int, rng: np.random.Generator,
+                  image_files: Dict[str, str]) -> Dict[str, tuple]:
+    """Pass 1: geometry checks of every case and, per pathological case (non-empty mask), n_voxels voxels sampled
+    inside and n_voxels outside its mask (in the body where there is one) -> {case: (labels, scores)}."""
+    samples = {}
+    for case in cases:
+        score_map, mask, body = read(case)
+        n_lesion_voxels = int(mask.sum())
+        if n_lesion_voxels == mask.size:
+            raise ScreenerInputError(f'case {case}: the reference mask covers the whole image, so there are no '
+                                     f'normal voxels to compare with')
+        if n_lesion_voxels and body is not None and not (body & ~mask).any():
+            raise ScreenerInputError(f'case {case}: no body voxels outside the reference mask (is '
+                                     f'{image_files[case]} its CT in HU?), so there are no normal voxels')
+        if n_lesion_voxels:
+            samples[case] = sample_voxels(score_map, mask, n_voxels, rng, outside=body)
+    return samples
+
+
+def _threshold_cases(pathological: List[str], n_threshold_cases: int, rng: np.random.Generator,
+                     ref_folder: str) -> List[str]:
+    """The seeded choice of the pathological cases the Dice threshold is chosen on; at least one must be left over."""
+    if len(pathological) <= n_threshold_cases:
+        raise ScreenerInputError(f'{len(pathological)} pathological case(s) (non-empty reference mask) in '
+                                 f'{ref_folder}; choosing the Dice threshold on {n_threshold_cases} of them leaves '
+                                 f'none to score: lower --n_threshold_cases or add cases')
+    return sorted(rng.choice(pathological, n_threshold_cases, replace=False).tolist())
+
+
+def _pooled(samples: Dict[str, tuple]) -> tuple:
+    """(labels, scores) of the sampled voxels of all cases together."""
+    return tuple(np.concatenate(parts) for parts in zip(*samples.values()))
+
+
+def _case_metrics(case: str, score_map: np.ndarray, mask: np.ndarray, body: Optional[np.ndarray], sample: tuple,
+                  thresholds: np.ndarray, max_fpr: float, dice_thresholds: np.ndarray) -> tuple:
+    """One pathological case's row (all but Dice, which needs the chosen threshold), its PRO counts at `thresholds`
+    and its Dice at each of `dice_thresholds`, over the evaluated region (body | mask with a body)."""
+    counts = pro_counts(score_map, mask, thresholds, region=body)
+    row = {'case': case, 'pathological': True, 'n_lesion_voxels': int(mask.sum()),
+           'auroc': float(roc_auc_score(*sample)), 'auroc_up_to_fpr': auroc_up_to_fpr(*sample, max_fpr=max_fpr),
+           'aupro_up_to_fpr': aupro_from_counts(*([c] for c in counts), max_fpr=max_fpr)}
+    if body is not None:
+        keep = body | mask
+        score_map, mask = score_map[keep], mask[keep]
+    row['average_precision'] = float(average_precision_score(mask.ravel(), score_map.ravel()))
+    return row, counts, dice_at_thresholds(score_map, mask, dice_thresholds)
+
+
+def _full_map_pass(read, cases: List[str], threshold_cases: bool, samples: Dict[str, tuple], thresholds: np.ndarray,
+                   max_fpr: float, dice_thresholds: np.ndarray) -> tuple:
+    """Pass 2 over `cases` (the threshold cases or the held-out ones) -> ({case: row}, [PRO counts], [Dice at
+    dice_thresholds]), both lists in case order."""
+    rows, counts, dice_curves = {}, [], []
+    for case in cases:
+        row, case_counts, dice_curve = _case_metrics(case, *read(case), samples[case], thresholds, max_fpr,
+                                                     dice_thresholds)
+        rows[case] = {**row, 'threshold_case': threshold_cases}
+        counts.append(case_counts)
+        dice_curves.append(dice_curve)
+    return rows, counts, dice_curves
+
+
+def _set_dice(rows: Dict[str, Dict], dice_curves: List[np.ndarray], index: int) -> None:
+    for row, curve in zip(rows.values(), dice_curves):
+        row['dice'] = float(curve[index])
+
+
+def _normal_row(case: str) -> Dict:
+    """A normal scan (empty reference mask) is in no metric."""
+    return {'case': case, 'pathological': False, 'n_lesion_voxels': 0, 'threshold_case': False,
+            **{k: np.nan for k in PER_CASE_COLUMNS[4:]}}
+
+
+def _summary(cases: List[str], rows: Dict[str, Dict], samples: Dict[str, tuple], counts: List, dice_threshold: float,
+             max_fpr: float, settings: Dict) -> Dict:
+    """The dataset's metrics from the per-case rows and samples (summary.json): Dice over the held-out cases."""
+    pathological = sorted(samples)
+    normal = [c for c in cases if c not in samples]
+    threshold_cases = [c for c in pathological if rows[c]['threshold_case']]
+    held_out_dice = [rows[c]['dice'] for c in pathological if not rows[c]['threshold_case']]
+    labels, scores = _pooled(samples)
+    return {
+        'n_cases': len(cases), 'n_pathological': len(pathological), 'n_normal': len(normal), 'normal_cases': normal,
+        'max_fpr': max_fpr,
+        'auroc': pooled_sampled_auroc(list(samples.values())),
+        'auroc_up_to_fpr': auroc_up_to_fpr(labels, scores, max_fpr),
+        'aupro_up_to_fpr': aupro_from_counts(*zip(*counts), max_fpr=max_fpr),
+        'auroc_per_case_mean': float(np.mean([rows[c]['auroc'] for c in pathological])),
+        'average_precision_mean': float(np.mean([rows[c]['average_precision'] for c in pathological])),
+        'dice_threshold': dice_threshold, 'threshold_cases': threshold_cases,
+        'dice_threshold_cases_mean': float(np.mean([rows[c]['dice'] for c in threshold_cases])),
+        'dice_mean': float(np.mean(held_out_dice)), 'dice_std': float(np.std(held_out_dice)),
+        'settings': settings,
+    }
+
+
 def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Optional[str] = None,
                           n_threshold_cases: int = 10, seed: int = 0, n_voxels: int = 1000, max_fpr: float = 0.3,
                           n_thresholds: int = 1000, file_ending: str = '.nii.gz', verbose: bool = True,
@@ -213,84 +310,38 @@ def evaluate_anomaly_maps(pred_folder: str, ref_folder: str, output_folder: Opti
         print('nnScreener_evaluate warning: no -images given, so the whole image counts and the air around the '
               'patient is "normal" (inflates AUROC/AUPRO); the paper\'s body-only numbers need -images <CT folder>',
               file=sys.stderr)
-    rng = np.random.default_rng(seed)
-    bodies = {}
+    bodies = {}  # the bodies _read_case keeps between the two passes
 
     def read(case):
         return _read_case(pred_folder, ref_folder, case, file_ending, image_files.get(case), bodies)
 
-    # pass 1: geometry checks and the sampled voxels
-    samples, lesion_voxels = {}, {}
-    for case in cases:
-        score_map, mask, body = read(case)
-        lesion_voxels[case] = int(mask.sum())
-        if lesion_voxels[case] == mask.size:
-            raise ScreenerInputError(f'case {case}: the reference mask covers the whole image, so there are no '
-                                     f'normal voxels to compare with')
-        if lesion_voxels[case] and body is not None and not (body & ~mask).any():
-            raise ScreenerInputError(f'case {case}: no body voxels outside the reference mask (is '
-                                     f'{image_files[case]} its CT in HU?), so there are no normal voxels')
-        if lesion_voxels[case]:
-            samples[case] = sample_voxels(score_map, mask, n_voxels, rng, outside=body)
+    rng = np.random.default_rng(seed)  # the voxel samples first, then the threshold cases: one stream, in this order
+    samples = _sample_cases(read, cases, n_voxels, rng, image_files)
     pathological = sorted(samples)
-    normal = [c for c in cases if c not in samples]
-    if len(pathological) <= n_threshold_cases:
-        raise ScreenerInputError(f'{len(pathological)} pathological case(s) (non-empty reference mask) in '
-                                 f'{ref_folder}; choosing the Dice threshold on {n_threshold_cases} of them leaves '
-                                 f'none to score: lower --n_threshold_cases or add cases')
-    threshold_cases = sorted(rng.choice(pathological, n_threshold_cases, replace=False).tolist())
+    threshold_cases = _threshold_cases(pathological, n_threshold_cases, rng, ref_folder)
     held_out = [c for c in pathological if c not in threshold_cases]
-    labels, scores = (np.concatenate(parts) for parts in zip(*samples.values()))
+    labels, scores = _pooled(samples)
     thresholds = pro_thresholds(scores[labels == 0], scores[labels == 1], max_fpr, n_thresholds)
+
+    # pass 2: the threshold cases first, because the held-out ones need the Dice threshold chosen on them
     candidates = dice_candidates(np.concatenate([samples[c][1][samples[c][0] == 1] for c in threshold_cases]),
                                  n_thresholds)
-
-    # pass 2: full-map metrics; the threshold cases first, because the others need the fixed Dice threshold
-    rows, counts = {}, []
-
-    def full_map_metrics(case):
-        """-> (scores, mask) of the evaluated region (flat with a body) for the Dice curves."""
-        score_map, mask, body = read(case)
-        counts.append(pro_counts(score_map, mask, thresholds, region=body))
-        if body is not None:
-            keep = body | mask
-            score_map, mask = score_map[keep], mask[keep]
-        rows[case] = {'case': case, 'pathological': True, 'n_lesion_voxels': lesion_voxels[case],
-                      'threshold_case': case in threshold_cases, 'auroc': float(roc_auc_score(*samples[case])),
-                      'auroc_up_to_fpr': auroc_up_to_fpr(*samples[case], max_fpr=max_fpr),
-                      'aupro_up_to_fpr': aupro_from_counts(*([c] for c in counts[-1]), max_fpr=max_fpr),
-                      'average_precision': float(average_precision_score(mask.ravel(), score_map.ravel()))}
-        return score_map, mask
-
-    dice_curves = [dice_at_thresholds(*full_map_metrics(case), candidates) for case in threshold_cases]
+    rows, counts, dice_curves = _full_map_pass(read, threshold_cases, True, samples, thresholds, max_fpr,
+                                                candidates)
     dice_threshold, _ = best_threshold_from_curves(candidates, dice_curves)
-    chosen = int(np.searchsorted(candidates, dice_threshold))
-    for case, curve in zip(threshold_cases, dice_curves):
-        rows[case]['dice'] = float(curve[chosen])
-    for case in held_out:
-        rows[case]['dice'] = float(dice_at_thresholds(*full_map_metrics(case), np.array([dice_threshold]))[0])
-    for case in normal:
-        rows[case] = {'case': case, 'pathological': False, 'n_lesion_voxels': 0, 'threshold_case': False,
-                      **{k: np.nan for k in PER_CASE_COLUMNS[4:]}}
+    _set_dice(rows, dice_curves, int(np.searchsorted(candidates, dice_threshold)))
+    held_out_rows, held_out_counts, held_out_dice = _full_map_pass(read, held_out, False, samples, thresholds,
+                                                                   max_fpr, np.array([dice_threshold]))
+    _set_dice(held_out_rows, held_out_dice, 0)
+    rows.update(held_out_rows)
+    rows.update({c: _normal_row(c) for c in cases if c not in samples})
 
-    held_out_dice = [rows[c]['dice'] for c in held_out]
-    summary = {
-        'n_cases': len(cases), 'n_pathological': len(pathological), 'n_normal': len(normal), 'normal_cases': normal,
-        'max_fpr': max_fpr,
-        'auroc': pooled_sampled_auroc(list(samples.values())),
-        'auroc_up_to_fpr': auroc_up_to_fpr(labels, scores, max_fpr),
-        'aupro_up_to_fpr': aupro_from_counts(*zip(*counts), max_fpr=max_fpr),
-        'auroc_per_case_mean': float(np.mean([rows[c]['auroc'] for c in pathological])),
-        'average_precision_mean': float(np.mean([rows[c]['average_precision'] for c in pathological])),
-        'dice_threshold': dice_threshold, 'threshold_cases': threshold_cases,
-        'dice_threshold_cases_mean': float(np.mean([rows[c]['dice'] for c in threshold_cases])),
-        'dice_mean': float(np.mean(held_out_dice)), 'dice_std': float(np.std(held_out_dice)),
-        'settings': {'n_voxels_per_side': n_voxels, 'seed': seed, 'n_thresholds': n_thresholds,
-                     'n_threshold_cases': n_threshold_cases, 'connectivity': 26, 'file_ending': file_ending,
-                     'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder),
-                     'region': 'body' if use_body else 'whole_image',
-                     'images_folder': os.path.abspath(images_folder) if use_body else None},
-    }
+    settings = {'n_voxels_per_side': n_voxels, 'seed': seed, 'n_thresholds': n_thresholds,
+                'n_threshold_cases': n_threshold_cases, 'connectivity': 26, 'file_ending': file_ending,
+                'pred_folder': os.path.abspath(pred_folder), 'ref_folder': os.path.abspath(ref_folder),
+                'region': 'body' if use_body else 'whole_image',
+                'images_folder': os.path.abspath(images_folder) if use_body else None}
+    summary = _summary(cases, rows, samples, counts + held_out_counts, dice_threshold, max_fpr, settings)
     with output_folder_lock(output_folder):  # the default output folder is the maps folder a predict may hold
         claim_outputs(output_folder, outputs)
         atomic_save_text(_per_case_csv([rows[c] for c in cases]), os.path.join(output_folder, PER_CASE_FILE))
