@@ -20,8 +20,8 @@ def test_setup_lists_the_console_scripts():
     assert len(SCRIPTS) >= 8 and 'nnScreener_demo' in [s for s, _, _ in SCRIPTS]
 
 
-@pytest.mark.parametrize('script, module, function', SCRIPTS, ids=[s for s, _, _ in SCRIPTS])
-def test_help_explains_every_option_and_its_default(script, module, function, monkeypatch, capsys):
+def _help_of(script, module, function, monkeypatch, capsys):
+    """Runs `<script> -h` -> (its parser, the printed help without whitespace)."""
     parsers = []
     parse_args = argparse.ArgumentParser.parse_args
 
@@ -34,8 +34,13 @@ def test_help_explains_every_option_and_its_default(script, module, function, mo
     with pytest.raises(SystemExit) as exit_info:
         getattr(importlib.import_module(module), function)()
     assert exit_info.value.code == 0
-    printed = _squeezed(capsys.readouterr().out)
     (parser,) = parsers
+    return parser, _squeezed(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize('script, module, function', SCRIPTS, ids=[s for s, _, _ in SCRIPTS])
+def test_help_explains_every_option_and_its_default(script, module, function, monkeypatch, capsys):
+    parser, printed = _help_of(script, module, function, monkeypatch, capsys)
     assert parser.description and _squeezed(parser.description) in printed
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -48,6 +53,21 @@ def test_help_explains_every_option_and_its_default(script, module, function, mo
             values = action.default if isinstance(action.default, list) else [action.default]
             assert 'default' in text.lower() and all(str(v) in text for v in values), \
                 f'{script} {option}: help {text!r} does not state the default {action.default!r}'
+
+
+def test_every_seed_option_is_spelled_double_dash_and_pretrain_still_takes_single(monkeypatch, capsys):
+    for script, module, function in SCRIPTS:
+        parser, _ = _help_of(script, module, function, monkeypatch, capsys)
+        for action in parser._actions:
+            if action.dest == 'seed':
+                assert action.option_strings[0] == '--seed', f'{script}: {action.option_strings}'
+    import nnscreener.run.pretrain as pretrain_module
+    seeds = []
+    monkeypatch.setattr(pretrain_module, 'pretrain', lambda *args: seeds.append(args[-1]) or {})
+    for spelling, seed in (('--seed', 3), ('-seed', 4)):  # -seed: what earlier versions documented
+        monkeypatch.setattr(sys, 'argv', ['nnScreener_pretrain', '-d', '500', '-device', 'cpu', spelling, str(seed)])
+        pretrain_module.pretrain_entry()
+    assert seeds == [3, 4]
 
 
 def test_output_to_log_keeps_chatter_off_the_console(tmp_path, capfd):

@@ -188,7 +188,7 @@ def pretrain_entry():
     parser.add_argument('--density_trainer', default=None,
                         help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _marginalGaussian, '
                              '_marginalFlow, _sincosGaussian (default: as planned)')
-    parser.add_argument('-seed', type=int, default=None,
+    parser.add_argument('--seed', '-seed', type=int, default=None,  # -seed: the spelling of earlier versions
                         help='training seed of every stage (default: $nnScreener_seed, else 0)')
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():

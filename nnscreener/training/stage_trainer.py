@@ -33,7 +33,7 @@ from nnscreener.utilities.io import atomic_path
 
 LOG_EVERY = 10
 # Training seed of every stage (weights init, crops); an environment variable like nnU-Net's own knobs, so DDP
-# workers and torchrun launches see it. `nnScreener_pretrain -seed` sets it.
+# workers and torchrun launches see it. `nnScreener_pretrain --seed` sets it.
 SEED_ENV = 'nnScreener_seed'
 
 
