@@ -136,13 +136,118 @@ def planted_section(result: dict) -> list:
     return lines + ['']
 
 
+def speed_section(result: dict, name: str) -> list:
+    """bench_speed.py's run: targets, training steps against the bare UNet, SSL profile, loader, whole-CT inference."""
+    training, inference = result['training'], result['inference']
+    batch = result['max_batch'] or "the paper's"
+    lines = [f"### Speed, preset `{result['preset']}` on {result['device']} (`{name}`)", '',
+             f"{machine_line(result)}. World: {result['world']}; {result['steps']} timed step(s) per stage, at most "
+             f"{batch} crops per network call, sliding-window step "
+             f"{result['step_size']}; {result['checkpoints']}."
+             + (' Other jobs shared the cores: absolute times are inflated, the ratios are within this one run.'
+                if result.get('cores_shared') else ''), '',
+             '| target | measured | target | met |', '|---|---|---|---|']
+    lines += [f'| {k} | {f3(v)} | {t} | {"yes" if ok else "**no**"} |' for k, v, t, ok in result['targets']]
+    lines += ['', '| stage | crops per call | step s | steps/s | its networks alone s | networks alone / step |',
+              '|---|---|---|---|---|---|']
+    for stage in ('descriptor', 'condition', 'density', 'distillation'):
+        row = training[stage]
+        alone = ', '.join(f'{k} {v:.2f}' for k, v in row['bare_s'].items())
+        lines.append(f"| {stage} | {row['batch']} | {row['step_s']:.2f} | {row['steps_per_s']:.3f} | {alone} | "
+                     f"{row['vs_bare']:.2f} |")
+    lines += ['', "Networks alone: the stage's networks on random crops at its batch, timed right before its steps (the "
+                  "condition UNet has the descriptor's architecture and batch: its time is the descriptor's).", '']
+    profile = training['descriptor']['profile']
+    lines += [f"**Where a descriptor (SSL) step goes** ({profile['positive_pairs']} positive pairs, expander "
+              f"{'-'.join(map(str, profile['expander_dims']))}: {profile['parameters_millions']['expander']:.1f} M "
+              f"parameters beside the UNet's {profile['parameters_millions']['unet']:.1f} M; each part timed alone "
+              f"at the step's batch right after it, the rest is the step minus the parts)", '',
+              '| part | seconds | share of the step |', '|---|---|---|']
+    lines += [f"| {part} | {sec:.2f} | {profile['share_of_step'][part]:.0%} |" for part, sec in profile['seconds'].items()]
+    loader = training['loader']
+    lines += ['', f"SSL crop-pair loader ({loader['pairs_per_ct']} pairs per CT): "
+                  f"{loader['crop_pairs_per_s_one_process']:.1f} crop pairs/s in one process (= per worker); "
+                  f"{loader['multiprocess_batches_per_s']:.2f} batches of {loader['batch_m']}/s through "
+                  f"{loader['workers']} worker(s).", '']
+    if inference:
+        lines += ['| CT | size (x, y, z) | command | wall s | peak RSS GB | peak PSS GB |', '|---|---|---|---|---|---|']
+        for tag, row in inference.items():
+            for arm in ('nnunet', 'distilled', 'modular'):
+                lines.append(f"| {tag} | {' x '.join(map(str, row['size_xyz']))} | {SPEED_ARMS[arm]} | "
+                             f"{row[arm]['wall_s']:.1f} | {row[arm]['peak_rss_gb']:.2f} | "
+                             f"{row[arm]['peak_pss_gb']:.2f} |")
+        lines += ['', 'Each command runs as a process of its own, one after the other, with the same torch threads '
+                      f"({next(iter(inference.values()))['torch_threads']}); RSS sums the process tree's resident "
+                      'memory, PSS shares the pages its processes have in common (stock nnU-Net runs worker '
+                      'processes).', '']
+    if 'cuda_paths' in result:
+        lines += ['| CUDA path | works | seconds | seen |', '|---|---|---|---|']
+        for check, row in result['cuda_paths'].items():
+            if isinstance(row, dict):
+                seen = {k: v for k, v in row.items() if k not in ('ok', 'seconds')}
+                lines.append(f"| {check} | {row['ok']} | {row.get('seconds', 0):.0f} | `{json.dumps(seen)[:200]}` |")
+        lines.append('')
+    return lines
+
+
+SPEED_ARMS = {'nnunet': 'stock `nnUNetv2_predict_from_modelfolder` (distilled UNet)',
+              'distilled': '`nnScreener_predict --model distilled`', 'modular': '`nnScreener_predict --model modular`'}
+
+
+def lowshot_rows(block: dict, title: str) -> list:
+    """Per-fold and pooled rows: Dice mean ± sd of both arms, relative change, two-sided Wilcoxon p (paired cases)."""
+    def row(name, r):
+        s, b = r['scratch'], r['screener']
+        return (f"| {name} | {r['n_pairs']} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | "
+                f"{b['dice_mean']:.3f} ± {b['dice_sd']:.3f} | {b['rel_change_pct']:+.1f} % | {b['p']:.3g} |")
+    lines = [f'**{title}**', '', '| fold | paired cases | from scratch | from the distilled Screener UNet | change | '
+             'Wilcoxon p |', '|---|---|---|---|---|---|']
+    lines += [row(f"fold {r['fold']}", r) for r in block['per_fold']]
+    return lines + [row('**pooled**', block), '']
+
+
+def lowshot_section(result: dict) -> list:
+    sched, t = result['schedule'], result['timings_s']
+    lines = ['### Low-shot fine-tuning, paper Table 2 (`lowshot.json`)', '',
+             f"{result['folds']} folds over the {result['n_cases']} labeled phantoms (validation folds partition them), "
+             f"{result['n_train']} training cases per fold; stock `nnUNetv2_train` for both trainers "
+             f"(`{'` / `'.join(sched['trainer_pair'])}`: {sched['epochs']} epochs x {sched['iterations_per_epoch']} "
+             f"iterations, lr {sched['initial_lr']} after {sched['warmup_epochs']} warm-up epochs, every patch around "
+             f"a lesion, no mirroring); fine-tuning starts from the distilled UNet of training seed "
+             f"{result['seeds']['pretraining']}. {machine_line(result)}. Dice per validation case (lesion label), "
+             f"mean ± sd over cases. Wall time per training: {min(t.values()) / 60:.0f}-{max(t.values()) / 60:.0f} "
+             f"min (two at once).", '']
+    lines += lowshot_rows(result, f"{result['n_train']} labeled training cases")
+    if 'full_data' in result:
+        full = result['full_data']
+        lines += lowshot_rows(full, f"Full-data control: {full['n_train']} training cases "
+                                    f"(folds {', '.join(map(str, full['folds_done']))} of {result['folds']})")
+    else:
+        lines += ['Full-data control: not run.', '']
+    scratch, screener = result['scratch']['dice_mean'], result['screener']['dice_mean']
+    lines += ['| target | measured | met |', '|---|---|---|',
+              f"| from scratch mean Dice >= 0.30 | {scratch:.3f} | {'yes' if scratch >= 0.30 else '**no**'} |",
+              f"| Screener-initialised >= from scratch | {screener:.3f} (p = {result['screener']['p']:.3g}) | "
+              f"{'yes' if screener >= scratch else '**no**'} |", '',
+              '**How much of the distilled weights survive fine-tuning** (fold 0; seg_layers are re-initialised by '
+              '`-pretrained_weights` and left out)', '',
+              '| UNet stage | relative change of the weights | cosine fine-tuned vs distilled | '
+              'cosine from-scratch vs distilled |', '|---|---|---|---|']
+    for stage, w in result['weight_change_fold0'].items():
+        lines.append(f"| {stage} | {w['relative_change']:.3f} | {w['cosine_finetuned_vs_distilled']:.3f} | "
+                     f"{w['cosine_scratch_vs_distilled']:.3f} |")
+    return lines + ['', '![low-shot loss curves](images/lowshot_loss.png)', '']
+
+
 def main():
     text = open(DOC).read()
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', phantom_section), ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
-                          ('realct_quality.json', realct_section)):
+                          ('realct_quality.json', realct_section), ('lowshot.json', lowshot_section),
+                          ('speed_cpu.json', lambda r: speed_section(r, 'speed_cpu.json')),
+                          ('speed_gpu.json', lambda r: speed_section(r, 'speed_gpu.json'))):
         result = load(name)
         lines += section(result) if result else [f'`{name}`: not measured yet.', '']
     with open(DOC + '.tmp', 'w') as f:
