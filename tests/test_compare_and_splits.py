@@ -190,12 +190,13 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     scratch, finetune = built
     assert not {k for k in vars(type(finetune)) if not k.startswith('__')}
     schedule = ('num_epochs', 'warmup_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch',
-                'initial_lr', 'weight_decay', 'batch_size', 'oversample_foreground_percent',
-                'inference_allowed_mirroring_axes')
+                'initial_lr', 'weight_decay', 'oversample_foreground_percent', 'inference_allowed_mirroring_axes')
     assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
     assert scratch.num_epochs * scratch.num_iterations_per_epoch == 1000
     # nnU-Net's loader draws round(batch * (1 - p)) random patches per batch, the rest around foreground
-    assert round(scratch.batch_size * (1 - scratch.oversample_foreground_percent)) == 0
+    batch = scratch.configuration_manager.batch_size
+    assert batch == finetune.configuration_manager.batch_size
+    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 0
 
 
 def test_demo_shows_the_paired_test_only_where_training_from_scratch_learned(nnunet_env, capsys):
