@@ -4,9 +4,10 @@
 
 Fixed-seed phantoms: an image-only pretraining set (lesions in 15 % of cases) and a held-out labeled test set with
 every lesion type. For each training seed, every method is pretrained, predicts the test set with
-`nnScreener_predict`'s API and is scored with `nnScreener_evaluate`'s API on all lesions and on each lesion type
-(mask = that type; other lesions count as normal tissue, as in the paper where a dataset's masks cover only its
-pathology). Writes phantom_quality.{json,md} and a PNG of AUROC per lesion type to --out. Re-running resumes.
+`nnScreener_predict`'s API (the density variants all at once, `predict_density_variants`) and is scored with
+`nnScreener_evaluate`'s API on all lesions and on each lesion type (mask = that type; other lesions count as normal
+tissue, as in the paper where a dataset's masks cover only its pathology). Writes phantom_quality.{json,md} and a
+PNG of AUROC per lesion type to --out. Re-running resumes.
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 
 from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, json_ready, map_agreement
 from nnscreener.inference.predict import predict
+from nnscreener.inference.variants import predict_density_variants
 from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
 from nnscreener.run.pretrain import pretrain
@@ -116,14 +118,20 @@ def run_seed(seed: int, work: str, raw: str, types: dict, device: str, methods, 
     timings = {}
     train_methods(seed, device, timings, methods)
     result = {'timings_s': timings, 'methods': {}}
+    predict_settings = dict(batch_size=PREDICT_BATCH, overlays=2 if seed == 0 else 0, continue_=True,
+                            reference_folder=join(raw, 'labelsTr'))
+    modular = [m for m in methods if METHODS[m][0] == 'modular']
+    if modular:
+        with timed(timings, 'predict the density variants at once (shared descriptor and condition passes)'):
+            predict_density_variants(join(raw, 'imagesTr'), {METHODS[m][1]: join(work, 'maps', tag, slug(m))
+                                                             for m in modular}, TARGET, device, **predict_settings)
     for method in methods:
         kind, trainer = METHODS[method]
         maps = join(work, 'maps', tag, slug(method))
-        with timed(timings, f'predict {method}'):
-            predict(join(raw, 'imagesTr'), maps, TARGET, kind, device if kind != 'local_contrast' else 'cpu',
-                    batch_size=PREDICT_BATCH,
-                    overlays=2 if seed == 0 else 0, continue_=True, reference_folder=join(raw, 'labelsTr'),
-                    density_trainer=trainer if kind == 'modular' else None)
+        if kind != 'modular':
+            with timed(timings, f'predict {method}'):
+                predict(join(raw, 'imagesTr'), maps, TARGET, kind, device if kind != 'local_contrast' else 'cpu',
+                        **predict_settings)
         with timed(timings, f'evaluate {method}'):
             result['methods'][method] = evaluate_method(maps, raw, types)
     if SCREENER in methods and DISTILLED in methods:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nnscreener.inference.manifest import PredictionRun
 from nnscreener.inference.overlays import save_overlay_png
-from nnscreener.inference.sliding_window import sliding_window_anomaly_map
+from nnscreener.inference.sliding_window import sliding_window_anomaly_map, sliding_window_anomaly_maps
 from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
 from nnscreener.preprocessing.validation import check_ct_image
@@ -210,12 +210,24 @@ def body_anomaly_map(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyM
     """Sliding-window map of the body only: the windows run over the body box the Screener cache trained on (the
     paper crops every CT to the body), and every voxel outside the body mask gets the body's minimum ("least
     anomalous"): the models never saw the table or the room, whose features are out of distribution."""
-    box = view.slicer
-    clahe = view.clahe if view.clahe is not None else stock[box]
-    box_map = sliding_window_anomaly_map(stock[box], clahe, model, step_size, batch_size)
+    clahe = view.clahe if view.clahe is not None else stock[view.slicer]
+    return _body_only(sliding_window_anomaly_map(stock[view.slicer], clahe, model, step_size, batch_size), view,
+                      stock.shape)
+
+
+def body_anomaly_maps(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyModel, step_size: float = 0.5,
+                      batch_size: int = 4) -> np.ndarray:
+    """`body_anomaly_map` of a model with C maps per patch (`sliding_window_anomaly_maps`) -> (C, z, y, x)."""
+    clahe = view.clahe if view.clahe is not None else stock[view.slicer]
+    box_maps = sliding_window_anomaly_maps(stock[view.slicer], clahe, model, step_size, batch_size)
+    return np.stack([_body_only(box_map, view, stock.shape) for box_map in box_maps])
+
+
+def _body_only(box_map: np.ndarray, view: ScreenerView, shape) -> np.ndarray:
+    """The body box's map in a volume of `shape`, every voxel outside the body at the body's minimum."""
     floor = box_map[view.body].min() if view.body.any() else box_map.min()
-    anomaly_map = np.full(stock.shape, floor, dtype=np.float32)
-    anomaly_map[box] = np.where(view.body, box_map, floor)
+    anomaly_map = np.full(shape, floor, dtype=np.float32)
+    anomaly_map[view.slicer] = np.where(view.body, box_map, floor)
     return anomaly_map
 
 

@@ -32,6 +32,18 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
     is (put it in eval mode first). use_bf16: autocast to bfloat16; None = on CUDA only. volume_on_device: keep the
     volumes and the accumulator on the model device; None = when they have at most MAX_DEVICE_VOXELS voxels.
     """
+    maps = sliding_window_anomaly_maps(stock, clahe, model, step_size, batch_size, use_bf16, volume_on_device)
+    if len(maps) != 1:
+        raise ValueError(f'the anomaly model returned {len(maps)} maps per patch, (B, 1, z, y, x) expected: use '
+                         f'sliding_window_anomaly_maps')
+    return maps[0]
+
+
+def sliding_window_anomaly_maps(stock: Union[np.ndarray, torch.Tensor], clahe: Union[np.ndarray, torch.Tensor],
+                                model, step_size: float = 0.5, batch_size: int = 4, use_bf16: Optional[bool] = None,
+                                volume_on_device: Optional[bool] = None) -> np.ndarray:
+    """`sliding_window_anomaly_map` of a model returning C maps per patch (B, C, z', y', x'), e.g. one per density
+    variant on shared descriptors: (C, z, y, x) float32."""
     patch_size = tuple(int(p) for p in model.patch_size)
     stock, clahe = (torch.as_tensor(np.asarray(v, dtype=np.float32) if isinstance(v, np.ndarray) else v).float()
                     for v in (stock, clahe))
@@ -49,7 +61,7 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
         volume_on_device = np.prod(shape) <= MAX_DEVICE_VOXELS
     accumulation_device = device if volume_on_device else torch.device('cpu')
     stock, clahe = stock.to(accumulation_device), clahe.to(accumulation_device)
-    total = torch.zeros(shape, dtype=torch.float32, device=accumulation_device)
+    total = None  # (C, *shape), once the first batch says C
 
     steps = compute_steps_for_sliding_window(shape, patch_size, step_size)
     slicers = [tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in product(*steps)]
@@ -64,25 +76,27 @@ def sliding_window_anomaly_map(stock: Union[np.ndarray, torch.Tensor], clahe: Un
                                torch.stack([clahe[s] for s in batch])[:, None].to(device, non_blocking=True),
                                crop_start)
             maps = maps.to(accumulation_device)
+            if total is None:
+                total = torch.zeros((maps.shape[1], *shape), dtype=torch.float32, device=accumulation_device)
             for s, m in zip(batch, maps):
-                total[s] += m
-    for axis, count in enumerate(_overlap_counts(shape, patch_size, steps)):
-        total /= count.to(accumulation_device).view([-1 if a == axis else 1 for a in range(3)])
-    return total[slicer].cpu().numpy()
+                total[(slice(None), *s)] += m
+        for axis, count in enumerate(_overlap_counts(shape, patch_size, steps)):  # total is an inference tensor
+            total /= count.to(accumulation_device).view([1] + [-1 if a == axis else 1 for a in range(3)])
+    return total[(slice(None), *slicer)].cpu().numpy()
 
 
 def _patch_maps(model, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
-    """(B, z, y, x) float32 maps at the patch size; the model may return them at a lower resolution."""
+    """(B, C, z, y, x) float32 maps at the patch size; the model may return them at a lower resolution."""
     maps = model(stock, clahe, crop_start)
     patch_size = tuple(stock.shape[2:])
-    if maps.ndim != 5 or maps.shape[:2] != (stock.shape[0], 1) or \
-            any(m > p for m, p in zip(maps.shape[2:], patch_size)):
-        raise ValueError(f'the anomaly model must return (B, 1, z, y, x) maps no larger than the patch {patch_size}, '
-                         f'got {tuple(maps.shape)} for a batch of {stock.shape[0]}')
+    if maps.ndim != 5 or maps.shape[0] != stock.shape[0] or any(m > p for m, p in zip(maps.shape[2:], patch_size)):
+        raise ValueError(f'the anomaly model must return (B, 1, z, y, x) maps (or (B, C, z, y, x): C maps per patch) '
+                         f'no larger than the patch {patch_size}, got {tuple(maps.shape)} for a batch of '
+                         f'{stock.shape[0]}')
     maps = maps.float()
     if tuple(maps.shape[2:]) != patch_size:
         maps = F.interpolate(maps, size=patch_size, mode='trilinear', align_corners=False)
-    return maps[:, 0]
+    return maps
 
 
 def _overlap_counts(shape: Sequence[int], patch_size: Sequence[int], steps: List[List[int]]) -> List[torch.Tensor]:
