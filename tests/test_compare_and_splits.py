@@ -172,8 +172,8 @@ def test_compare_refuses_mismatched_cases_and_missing_summary(nnunet_env, monkey
 
 
 def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_world):
-    """The benchmark's two arms: nnUNetv2_train finds both, they build with one schedule (all patches around a
-    lesion at the plans' batch), and the Finetune one adds nothing but the name (the distilled weights come in through
+    """The benchmark's two arms: nnUNetv2_train finds both, they build with one schedule (3 patches per step, 2 of
+    them around a lesion), and the Finetune one adds nothing but the name (the distilled weights come in through
     stock -pretrained_weights)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -192,11 +192,12 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     schedule = ('num_epochs', 'warmup_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch',
                 'initial_lr', 'weight_decay', 'oversample_foreground_percent', 'inference_allowed_mirroring_axes')
     assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
-    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 1000
-    # nnU-Net's loader draws round(batch * (1 - p)) random patches per batch, the rest around foreground
+    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 800
+    # the schedule's batch reaches nnU-Net (which reads it in initialize), and its loader draws round(batch * (1 - p))
+    # random patches per batch, the rest around foreground: one random, two around lesions
     batch = scratch.configuration_manager.batch_size
-    assert batch == finetune.configuration_manager.batch_size
-    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 0
+    assert batch == finetune.configuration_manager.batch_size == 3
+    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 1
 
 
 def test_demo_shows_the_paired_test_only_where_training_from_scratch_learned(nnunet_env, capsys):

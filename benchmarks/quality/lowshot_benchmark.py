@@ -130,10 +130,15 @@ def weight_change(distilled: str, finetuned: str, scratch: str) -> dict:
             for name, w in start.items()}
 
 
-def loss_curves(checkpoint: str) -> dict:
-    """nnU-Net's per-epoch log (train and validation loss, pseudo Dice) kept in its checkpoint."""
-    logging = torch.load(checkpoint, map_location='cpu', weights_only=False)['logging']
-    return {key: [float(v) for v in logging[key]] for key in ('train_losses', 'val_losses', 'mean_fg_dice')}
+def training_record(fold_folder: str) -> dict:
+    """nnU-Net's per-epoch log kept in the checkpoint (train and validation loss, pseudo Dice on validation patches)
+    and the wall times of the epochs and of the final validation (until its summary.json was written). The checkpoint
+    is one this benchmark's training wrote; its log holds numpy scalars, hence no weights_only."""
+    logging = torch.load(join(fold_folder, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)['logging']
+    record = {key: [float(v) for v in logging[key]] for key in ('train_losses', 'val_losses', 'mean_fg_dice')}
+    start, end = logging['epoch_start_timestamps'][0], logging['epoch_end_timestamps'][-1]
+    summary_time = os.path.getmtime(join(fold_folder, 'validation', 'summary.json'))
+    return {**record, 'training_s': round(end - start), 'validation_s': round(summary_time - end)}
 
 
 def save_loss_plot(curves: dict, fname: str) -> None:
@@ -155,23 +160,25 @@ def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timing
     """Trains (resuming) and compares one arm; returns its table rows, weight changes and loss curves."""
     arm_environment(args.world_preprocessed, join(args.lowshot_work, arm))
     write_lowshot_splits(TARGET, n_train, args.folds, seed=0, overwrite=True)
-    folds = [f for f in range(args.folds) if f < (args.control_folds if arm == 'full_data' else args.folds)]
+    folds = list(range(args.control_folds if arm == 'full_data' else args.run_folds or args.folds))
     for fold in folds:
         train_fold(fold, trainers, distilled, args, timings)
     comparison = compare_trainers(TARGET, trainers['scratch'], trainers['screener'], SCREENER_PLANS_NAME,
                                   tuple(folds), output_folder=join(args.lowshot_work, arm, 'comparison'),
                                   verbose=False)
-    final = {a: [join(trainer_folder(t, f), 'checkpoint_final.pth') for f in folds] for a, t in trainers.items()}
+    final = {a: join(trainer_folder(t, 0), 'checkpoint_final.pth') for a, t in trainers.items()}
     return {**comparison_rows(comparison, folds), 'n_train': n_train, 'folds_done': folds,
-            'weight_change_fold0': weight_change(distilled, final['screener'][0], final['scratch'][0]),
-            'loss_curves': {f'{a} fold {f}': loss_curves(c) for a in final for f, c in zip(folds, final[a])}}
+            'weight_change_fold0': weight_change(distilled, final['screener'], final['scratch']),
+            'loss_curves': {f'{a} fold {f}': training_record(trainer_folder(t, f))
+                            for a, t in trainers.items() for f in folds}}
 
 
 def schedule(trainer: str) -> dict:
     cls = getattr(nnscreener_finetune_trainers, trainer)
     return {'trainer_pair': list(ARM_KEYS[a] + trainer[len('nnScreenerFromScratchTrainer'):] for a in ARM_KEYS),
             'epochs': cls.EPOCHS, 'iterations_per_epoch': cls.ITERATIONS, 'warmup_epochs': cls.WARMUP_EPOCHS,
-            'val_iterations_per_epoch': cls.VAL_ITERATIONS, 'foreground_patch_share': cls.FOREGROUND_PATCHES,
+            'val_iterations_per_epoch': cls.VAL_ITERATIONS, 'batch_size': cls.BATCH,
+            'random_patches_per_batch': round(cls.BATCH * (1 - cls.FOREGROUND_PATCHES)),
             'initial_lr': 1e-2, 'optimizer': 'SGD momentum 0.99 nesterov, warm-up then poly decay',
             'mirroring': False} if hasattr(cls, 'EPOCHS') else {'trainer_pair': trainer}
 
@@ -184,12 +191,14 @@ def main():
     parser.add_argument('--plot', default=None, help='loss-curve PNG (default <lowshot_work>/lowshot_loss.png)')
     parser.add_argument('--n_train', type=int, default=25, help='labeled training cases per fold')
     parser.add_argument('--folds', type=int, default=3)
+    parser.add_argument('--run_folds', type=int, default=None,
+                        help='train and compare folds 0..n-1 of the k-fold splits only (default: all k)')
     parser.add_argument('--control', action='store_true', help='also the full-data control (every case outside '
                                                                'the validation fold, both trainers)')
     parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuLowshot',
-                        help='trainer suffix: cpuLowshot (25 x 40 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuLowshot (20 x 40 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
     parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training')
@@ -210,6 +219,7 @@ def main():
     result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases}
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
     result.update({k: lowshot['pooled'][k] for k in ('scratch', 'screener')}, per_fold=lowshot['per_fold'],
+                  folds_done=lowshot['folds_done'],
                   weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
     if args.control:
         n_full = n_cases - -(-n_cases // args.folds)  # every case outside the largest validation fold
@@ -220,7 +230,7 @@ def main():
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
     result.update(machine(), seeds={'phantoms': 0, 'splits': 0, 'pretraining': args.pretrain_seed},
                   schedule=schedule(trainers['scratch']), distilled_checkpoint=distilled,
-                  timings_s=timings)
+                  timings_s_this_run=timings)
     out = args.results_json or join(args.lowshot_work, 'lowshot.json')
     atomic_save_json(json_ready(result), out)
     print(f"written {out}: scratch {result['scratch']['dice_mean']:.3f}, "

@@ -89,18 +89,20 @@ class nnScreenerFinetuneTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_cpuBen
 
 class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny):
     """The CPU low-shot benchmark (benchmarks/quality/lowshot_benchmark.py), sized by measurement on 2 shared cores
-    (documentation/benchmarks.md): 25 epochs x 40 steps at the plans' batch (2) and patch, nnU-Net's lr 1e-2 after 2
-    warm-up epochs, no mirroring (as _tiny). Every patch is drawn around a lesion: at batch 2 nnU-Net's 33 % means
-    one lesion patch per step, and 12 x 20 such steps (_cpuBenchmark) predicted no lesion at all; lesion patches
-    still are ~98 % normal tissue, so background is learned too. The Finetune twin differs only in its
-    initialisation (`-pretrained_weights`)."""
-    EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS, FOREGROUND_PATCHES = 25, 2, 40, 4, 1.0
+    (documentation/benchmarks.md): 20 epochs x 40 steps, nnU-Net's lr 1e-2 after 2 warm-up epochs, no mirroring (as
+    _tiny), and 3 patches per step of which 2 around a lesion: at the plans' batch 2, nnU-Net's 33 % means one lesion
+    patch per step (12 x 20 such steps, _cpuBenchmark, predicted no lesion), while only lesion patches (25 x 40 steps)
+    never show most of the body and predicted lesions in ~20000 voxels per case; the random third patch teaches the
+    background. The Finetune twin differs only in its initialisation (`-pretrained_weights`)."""
+    EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS = 20, 2, 40, 4
+    BATCH, FOREGROUND_PATCHES = 3, 0.67  # nnU-Net's loader: round(3 * (1 - 0.67)) = 1 random patch, 2 around lesions
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.warmup_epochs = self.EPOCHS, self.WARMUP_EPOCHS
         self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.ITERATIONS, self.VAL_ITERATIONS
+        self.configuration_manager.configuration['batch_size'] = self.BATCH  # read by nnU-Net in initialize()
         self.oversample_foreground_percent = self.FOREGROUND_PATCHES
 
 
