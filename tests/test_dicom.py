@@ -1,5 +1,6 @@
 """DICOM series input (issue 12): a series written from a real CT reads back with the NIfTI's geometry and HU, predict
 writes its map on the series' grid, folders of several series and nameless inputs are one-line errors."""
+import locale
 import os
 import shutil
 import sys
@@ -12,7 +13,7 @@ import SimpleITK as sitk
 from conftest import TARGET_ID
 from nnscreener.inference.anomaly_maps import find_ct_files
 from nnscreener.utilities.errors import ScreenerInputError
-from nnscreener.utilities.io import read_image
+from nnscreener.utilities.io import gdcm_guard, read_image
 
 REAL_CT = Path(__file__).resolve().parents[2] / 'shared' / 'realct'
 SOURCE = REAL_CT / 'example_ct_sm.nii.gz'  # abdomen, int16 HU, direction diag(-1, -1, 1)
@@ -45,7 +46,8 @@ def write_dicom_series(image: sitk.Image, folder: Path, series: int) -> Path:
         for key, value in tags.items():
             ct_slice.SetMetaData(key, value)
         writer.SetFileName(str(folder / f'IM{series:02d}_{k:04d}.dcm'))
-        writer.Execute(ct_slice)
+        with gdcm_guard():  # GDCM's writer sets the C locale too
+            writer.Execute(ct_slice)
     return folder
 
 
@@ -58,8 +60,10 @@ def assert_same_geometry(image, reference):
 
 def test_a_series_reads_back_with_the_nifti_geometry_and_hu(tmp_path):
     source = source_image()
+    before = locale.setlocale(locale.LC_ALL)
     series = write_dicom_series(source, tmp_path / 'patient_07', series=1)
     image = read_image(str(series))
+    assert locale.setlocale(locale.LC_ALL) == before, 'GDCM left the C locale: text I/O would become ASCII'
     assert_same_geometry(image, source)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(source))  # rescale applied
     assert image.GetDirection() != (1, 0, 0, 0, 1, 0, 0, 0, 1)  # the test would not see a lost direction otherwise

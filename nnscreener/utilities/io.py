@@ -3,6 +3,7 @@ users' images, which refuses incomplete files."""
 import gzip
 import hashlib
 import json
+import locale
 import math
 import os
 import pathlib
@@ -92,22 +93,25 @@ def read_image(fname: str) -> sitk.Image:
 
 
 @contextmanager
-def _itk_warnings_off():
-    """GDCM and the series reader print warnings (no series found, uneven slices) to stderr; we check and say
-    what is wrong ourselves, in one line."""
+def gdcm_guard():
+    """Around SimpleITK's DICOM (GDCM) calls: their warnings (no series found, uneven slices) stay off stderr, as we
+    check and say what is wrong ourselves, in one line; and the process's C locale is restored afterwards, because
+    GDCM sets it to "C", after which Python decodes subprocess output and opens text files as ASCII."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    saved_locale = locale.setlocale(locale.LC_ALL)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def dicom_series_id(folder: str) -> Optional[str]:
     """The SeriesInstanceUID of the DICOM files directly in `folder` (GDCM reads their headers; subfolders are not
     searched), None when it holds none; a folder holding several series is refused: one series per folder, so that
     the folder's name can be the case's."""
-    with _itk_warnings_off():
+    with gdcm_guard():
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if len(series) > 1:
         raise ScreenerInputError(f'{folder} holds {len(series)} DICOM series: nnscreener reads one series per folder; '
@@ -126,7 +130,7 @@ def read_dicom_series(folder: str) -> sitk.Image:
                                  f'each holding one DICOM series')
     reader = sitk.ImageSeriesReader()
     try:
-        with _itk_warnings_off():
+        with gdcm_guard():
             reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series))
             image = reader.Execute()
     except RuntimeError as e:
