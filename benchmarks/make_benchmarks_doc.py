@@ -146,7 +146,7 @@ def speed_section(result: dict, name: str) -> list:
              f"{result['step_size']}; {result['checkpoints']}."
              + (' Other jobs shared the cores: absolute times are inflated, the ratios are within this one run.'
                 if result.get('cores_shared') else ''), '',
-             '| target | measured | target | met |', '|---|---|---|---|']
+             '| target | measured (the worst stage or CT) | target | met |', '|---|---|---|---|']
     lines += [f'| {k} | {f3(v)} | {t} | {"yes" if ok else "**no**"} |' for k, v, t, ok in result['targets']]
     lines += ['', '| stage | crops per call | step s | steps/s | its networks alone s | networks alone / step |',
               '|---|---|---|---|---|---|']
@@ -161,7 +161,9 @@ def speed_section(result: dict, name: str) -> list:
     lines += [f"**Where a descriptor (SSL) step goes** ({profile['positive_pairs']} positive pairs, expander "
               f"{'-'.join(map(str, profile['expander_dims']))}: {profile['parameters_millions']['expander']:.1f} M "
               f"parameters beside the UNet's {profile['parameters_millions']['unet']:.1f} M; each part timed alone "
-              f"at the step's batch right after it, the rest is the step minus the parts)", '',
+              f"at the step's batch right after it, the rest is the step minus the parts). Counted work of the step "
+              f"(torch's FLOP counter): UNet forward+backward {profile['tflop']['unet_fwd_bwd']:.2f} TFLOP, expander "
+              f"+ VICReg {profile['tflop']['expander_and_vicreg_fwd_bwd']:.2f} TFLOP.", '',
               '| part | seconds | share of the step |', '|---|---|---|']
     lines += [f"| {part} | {sec:.2f} | {profile['share_of_step'][part]:.0%} |" for part, sec in profile['seconds'].items()]
     loader = training['loader']
@@ -176,12 +178,15 @@ def speed_section(result: dict, name: str) -> list:
                 lines.append(f"| {tag} | {' x '.join(map(str, row['size_xyz']))} | {SPEED_ARMS[arm]} | "
                              f"{row[arm]['wall_s']:.1f} | {row[arm]['peak_rss_gb']:.2f} | "
                              f"{row[arm]['peak_pss_gb']:.2f} |")
+        lines += ['', '; '.join(f"{key.replace('_', ' ')}: " + ', '.join(f'{t} {v:.2f}' for t, v in result[key].items())
+                                for key in ('distilled_vs_nnunet_predict', 'modular_vs_distilled') if key in result)
+                  + ' (wall time of the commands).']
         lines += ['', 'Each command runs as a process of its own, one after the other, with the same torch threads '
                       f"({next(iter(inference.values()))['torch_threads']}); RSS sums the process tree's resident "
                       'memory, PSS shares the pages its processes have in common (stock nnU-Net runs worker '
                       'processes).', '']
     if 'cuda_paths' in result:
-        lines += ['| CUDA path | works | seconds | seen |', '|---|---|---|---|']
+        lines += ['| CUDA path (`cuda_paths.py`) | ran | seconds | seen |', '|---|---|---|---|']
         for check, row in result['cuda_paths'].items():
             if isinstance(row, dict):
                 seen = {k: v for k, v in row.items() if k not in ('ok', 'seconds')}
@@ -207,16 +212,20 @@ def lowshot_rows(block: dict, title: str) -> list:
 
 
 def lowshot_section(result: dict) -> list:
-    sched, t = result['schedule'], result['timings_s']
+    sched = result['schedule']
+    runs = list(result['loss_curves'].values()) + list(result.get('full_data', {}).get('loss_curves', {}).values())
+    train_min, val_min = ([r[k] / 60 for r in runs] for k in ('training_s', 'validation_s'))
     lines = ['### Low-shot fine-tuning, paper Table 2 (`lowshot.json`)', '',
-             f"{result['folds']} folds over the {result['n_cases']} labeled phantoms (validation folds partition them), "
-             f"{result['n_train']} training cases per fold; stock `nnUNetv2_train` for both trainers "
+             f"{result['folds']} folds over the {result['n_cases']} labeled phantoms (validation folds partition them; "
+             f"folds {', '.join(map(str, result['folds_done']))} trained), {result['n_train']} training cases per "
+             f"fold; stock `nnUNetv2_train` for both trainers "
              f"(`{'` / `'.join(sched['trainer_pair'])}`: {sched['epochs']} epochs x {sched['iterations_per_epoch']} "
-             f"iterations, lr {sched['initial_lr']} after {sched['warmup_epochs']} warm-up epochs, every patch around "
-             f"a lesion, no mirroring); fine-tuning starts from the distilled UNet of training seed "
+             f"iterations of {sched['batch_size']} patches ({sched['random_patches_per_batch']} random, the others around a "
+             f"lesion), lr {sched['initial_lr']} after {sched['warmup_epochs']} warm-up epochs, no mirroring); "
+             f"fine-tuning starts from the distilled UNet of training seed "
              f"{result['seeds']['pretraining']}. {machine_line(result)}. Dice per validation case (lesion label), "
-             f"mean ± sd over cases. Wall time per training: {min(t.values()) / 60:.0f}-{max(t.values()) / 60:.0f} "
-             f"min (two at once).", '']
+             f"mean ± sd over cases. Wall time per training (two at once): {min(train_min):.0f}-{max(train_min):.0f} min "
+             f"of epochs, then {min(val_min):.0f}-{max(val_min):.0f} min of nnU-Net's final validation.", '']
     lines += lowshot_rows(result, f"{result['n_train']} labeled training cases")
     if 'full_data' in result:
         full = result['full_data']

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from copy import deepcopy
 from os.path import abspath, dirname, isdir, isfile, join
 
 import numpy as np
@@ -212,10 +213,26 @@ def ssl_profile(trainer, step: dict, unet_s: float, n: int, warmup: int, device)
              'expander_and_vicreg_fwd_bwd': timed(loss_fwd_bwd, n, warmup, device),
              'clip_and_adamw': timed(optimizer_step, n, warmup, device)}
     parts['rest'] = step['step_s'] - sum(parts.values())
+    patch = trainer.configuration_manager.patch_size
+    flops = {'unet_fwd_bwd': fwd_bwd_flops(trainer.objective.network, [(2 * m, 1, *patch)], False),
+             'expander_and_vicreg_fwd_bwd': fwd_bwd_flops(trainer.objective.loss, [(m, pairs, dim)] * 2, True)}
     return {'positive_pairs': m * pairs, 'expander_dims': list(trainer.hparams.get('expander_dims', ())),
+            'tflop': {k: v / 1e12 for k, v in flops.items()},
             'parameters_millions': {'unet': _millions(trainer.objective.network),
                                     'expander': _millions(trainer.objective.loss)},
             'seconds': parts, 'share_of_step': {k: v / step['step_s'] for k, v in parts.items()}}
+
+
+def fwd_bwd_flops(module, input_shapes, inputs_need_grad: bool) -> float:
+    """Floating-point operations of forward+backward (of the output's sum), counted by torch on a copy on the meta
+    device: shapes only, nothing is computed. inputs_need_grad: as in the step (descriptors do, images do not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    copy = deepcopy(getattr(module, '_orig_mod', module)).to('meta')  # a compiled network's own module
+    inputs = [torch.rand(s, device='meta', requires_grad=inputs_need_grad) for s in input_shapes]
+    with FlopCounterMode(display=False) as counter:
+        out = copy(*inputs)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    return float(counter.get_total_flops())
 
 
 def _millions(module) -> float:
@@ -367,19 +384,19 @@ def predict_commands(dataset: str, ct_file: str, work: str, tag: str, stock_mode
             'modular': ours + ['--model', 'modular', '-o', join(work, f'modular_{tag}')]}
 
 
-def bench_whole_ct(dataset: str, ct_file: str, work: str, tag: str, stock_model: str, args) -> dict:
-    """The three predict commands on one CT, one after another, each timed as a whole."""
+def bench_whole_ct(dataset: str, ct_file: str, work: str, tag: str, stock_model: str, args, result: dict,
+                   saved) -> None:
+    """The three predict commands on one CT, one after another, each timed as a whole, into `result`; `saved` is
+    called after each (a run cut short keeps the arms it finished)."""
     # the same torch threads for every arm: stock nnU-Net sets them to the CPU count on a CPU
     threads = os.cpu_count() if args.device == 'cpu' else 1
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'nnUNet_compile': 'false'}
-    result = {'ct': abspath(ct_file), 'size_xyz': list(sitk.ReadImage(ct_file).GetSize()), 'torch_threads': threads}
+    result.update(ct=abspath(ct_file), size_xyz=list(sitk.ReadImage(ct_file).GetSize()), torch_threads=threads)
     for arm, cmd in predict_commands(dataset, ct_file, work, tag, stock_model, args).items():
         shutil.rmtree(cmd[cmd.index('-o') + 1], ignore_errors=True)
         print(f'inference {tag}: {arm} ...', flush=True)
         result[arm] = run_measured(cmd, env, join(work, f'{arm}_{tag}.log'))
-    result['distilled_vs_nnunet_predict'] = result['distilled']['wall_s'] / result['nnunet']['wall_s']
-    result['modular_vs_distilled'] = result['modular']['wall_s'] / result['distilled']['wall_s']
-    return result
+        saved()
 
 
 def network_times(dataset: str, ct_file: str, args, device) -> dict:
@@ -401,17 +418,19 @@ def network_times(dataset: str, ct_file: str, args, device) -> dict:
     return result
 
 
-def bench_inference(dataset: str, work: str, args, device) -> dict:
+def bench_inference(dataset: str, work: str, args, device, saved) -> dict:
+    """{CT tag: its predict commands' results}, filled in place; `saved(inference)` after each measurement."""
     stock_model = stock_model_folder(dataset, join(work, 'stock_nnunet_model'))
     synthetic = join(work, 'synthetic_{}x{}x{}.nii.gz'.format(*args.ct_shape[::-1]))
     if not isfile(synthetic):
         synthetic_ct(synthetic, args.ct_shape)
-    cts = {'synthetic': synthetic}
-    if args.real_ct:
-        cts = {'real': args.real_ct, **cts}
-    out = {tag: bench_whole_ct(dataset, ct, work, tag, stock_model, args) for tag, ct in cts.items()}
+    cts = {'real': args.real_ct, 'synthetic': synthetic} if args.real_ct else {'synthetic': synthetic}
+    out = {}
+    for tag, ct in cts.items():
+        bench_whole_ct(dataset, ct, work, tag, stock_model, args, out.setdefault(tag, {}), lambda: saved(out))
     if args.network_time:
         out['synthetic']['networks'] = network_times(dataset, synthetic, args, device)
+        saved(out)
     return out
 
 
@@ -422,11 +441,16 @@ def summary(training: dict, inference: dict, device) -> dict:
               'density_step_vs_bare': training['density']['vs_bare'],
               'distillation_step_vs_bare': training['distillation']['vs_bare'],
               'loader_crops_per_s_per_worker': training['loader']['crop_pairs_per_s_one_process']}
-    if inference:
-        result['distilled_vs_nnunet_predict'] = {t: r['distilled_vs_nnunet_predict'] for t, r in inference.items()}
-        result['modular_vs_distilled'] = {t: r['modular_vs_distilled'] for t, r in inference.items()}
-        result['peak_rss_gb_512x512x300'] = {arm: inference['synthetic'][arm]['peak_rss_gb']
-                                             for arm in ('distilled', 'modular', 'nnunet')}
+    for key, (arm, reference) in (('distilled_vs_nnunet_predict', ('distilled', 'nnunet')),
+                                  ('modular_vs_distilled', ('modular', 'distilled'))):
+        ratios = {t: r[arm]['wall_s'] / r[reference]['wall_s'] for t, r in inference.items() if arm in r and
+                  reference in r}
+        if ratios:
+            result[key] = ratios
+    synthetic = inference.get('synthetic', {})
+    if all(arm in synthetic for arm in ('distilled', 'modular', 'nnunet')):
+        result['peak_rss_gb_512x512x300'] = {arm: synthetic[arm]['peak_rss_gb'] for arm in ('distilled', 'modular',
+                                                                                           'nnunet')}
     if device.type == 'cuda':
         result.update(ssl_steps_per_s=training['descriptor']['steps_per_s'],
                       density_steps_per_s=training['density']['steps_per_s'])
@@ -497,33 +521,35 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    results = {**machine(args, device), 'preset': args.preset, 'max_batch': args.max_batch, 'steps': args.steps,
-               'step_size': args.step_size, 'world': f'real CTs of {args.realct}' if args.realct else 'phantoms',
-               'checkpoints': 'the weights of the timed steps in the stages\' real checkpoint format (speed only)'}
+    base = {**machine(args, device), 'preset': args.preset, 'max_batch': args.max_batch, 'steps': args.steps,
+            'warmup': args.warmup, 'step_size': args.step_size,
+            'world': f'real CTs of {args.realct}' if args.realct else 'phantoms',
+            'checkpoints': 'the weights of the timed steps in the stages\' real checkpoint format (speed only)'}
     work = args.work or tempfile.mkdtemp(prefix='bench_speed_')
     try:
         dataset = make_world(join(work, 'world'), args.preset, args.realct)
-        results['training'] = bench_training(dataset, args, device)
-        save(results, {}, device, args.out)  # a run cut short keeps what it measured
+        training = bench_training(dataset, args, device)
+        result = save(base, training, {}, device, args.out)  # a run cut short keeps what it measured
         if not args.no_inference:
-            save(results, bench_inference(dataset, work, args, device), device, args.out)
+            bench_inference(dataset, work, args, device,
+                            lambda inference: result.update(save(base, training, inference, device, args.out)))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    for name, value, target, met in results['targets']:
+    for name, value, target, met in result['targets']:
         print(f'{name:<32} {value:8.3f}  target {target:<6} {"met" if met else "MISSED"}')
     print(f'wrote {args.out}')
 
 
-def save(results: dict, inference: dict, device, out: str) -> None:
-    """The issue's summary keys and targets first, then the details; written to `out`."""
-    details = {'training': results.pop('training'), 'inference': inference}
-    results.update(summary(details['training'], inference, device))
-    results['targets'] = targets(results, device)
-    results.update(details)
+def save(base: dict, training: dict, inference: dict, device, out: str) -> dict:
+    """The run's settings, the issue's summary keys and the targets, then the details; written to `out`."""
+    result = {**base, **summary(training, inference, device)}
+    result['targets'] = targets(result, device)
+    result.update(training=training, inference=inference)
     os.makedirs(dirname(abspath(out)), exist_ok=True)
     with open(out, 'w') as f:
-        json.dump(results, f, indent=2)
+        json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == '__main__':

@@ -5,14 +5,16 @@
 
 Checks, in this order; each is a row of the JSON (ok, seconds, what was seen) and a failing one does not stop the
 others:
-  pretrain   nnScreener_pretrain's API, all four stages (preset tiny:steps=20) with nnUNet_compile=true: bf16
-             autocast, torch.compile of each stage's network, nnU-Net's multi-process loader with pin_memory
+  pretrain   nnScreener_pretrain's API, all four stages (preset tiny:steps=20) on the device: bf16 autocast and
+             nnU-Net's multi-process loader with pin_memory (eager, so that the quick checks below get their time)
   autocast   the dtype of the descriptor UNet's output under the stage trainers' autocast (bfloat16 on CUDA)
   pinned     whether the CUDA trainer's loader hands out pinned (page-locked) batches, which the non_blocking copy
              of train_step needs to overlap with compute
   predict    nnScreener_predict's API, modular and distilled, on the device (bf16 sliding window)
   nccl       the descriptor stage again, as rank 0 of a 1-process NCCL process group (gloo on a CPU): DDP wrapping and
              its gradient all-reduce, the way `-num_gpus N` and torchrun run each rank
+  compile    the descriptor stage again with nnUNet_compile=true: torch.compile of the UNet through nnU-Net's switch
+             (nnU-Net never compiles on a CPU)
 """
 import argparse
 import json
@@ -55,20 +57,25 @@ def _write(results: dict, out: str) -> None:
 def pretrain_all(dataset: str, device: str) -> dict:
     from nnscreener.run.pretrain import pretrain
     checkpoints = pretrain(dataset, device=device)
-    return {'checkpoints': sorted(os.path.relpath(c, os.environ['nnUNet_results']) for c in checkpoints.values()),
-            'compiled': _compiled_stages(dataset)}
+    return {'stages_written': sorted(stage for stage, f in checkpoints.items() if os.path.isfile(f))}
 
 
-def _compiled_stages(dataset: str) -> list:
-    """Stages whose nnU-Net training log says the network was compiled."""
-    from nnscreener.training.stages import STAGE_TRAINERS, stage_folder
-    compiled = []
-    for stage in STAGE_TRAINERS:
-        folder = stage_folder(dataset, stage)
-        logs = [f for f in os.listdir(folder) if f.startswith('training_log')]
-        if any('Using torch.compile on the network' in open(join(folder, f)).read() for f in logs):
-            compiled.append(stage)
-    return compiled
+def compiled_descriptor(dataset: str, device: str) -> dict:
+    from nnscreener.run.pretrain import pretrain
+    os.environ['nnUNet_compile'] = 'true'
+    try:
+        pretrain(dataset, stages=['descriptor'], device=device)
+    finally:
+        os.environ['nnUNet_compile'] = 'false'
+    return {'compiled': _log_says_compiled(dataset, 'descriptor')}
+
+
+def _log_says_compiled(dataset: str, stage: str) -> bool:
+    """Whether one of the stage's nnU-Net training logs says its network was compiled."""
+    from nnscreener.training.stages import stage_folder
+    folder = stage_folder(dataset, stage)
+    return any('Using torch.compile on the network' in open(join(folder, f)).read() for f in os.listdir(folder)
+               if f.startswith('training_log'))
 
 
 def autocast_dtype(dataset: str, device: torch.device) -> dict:
@@ -120,7 +127,7 @@ def main():
     parser.add_argument('--work', default='/tmp/nnscreener_cuda_paths')
     parser.add_argument('--out', default='cuda_paths.json')
     args = parser.parse_args()
-    os.environ['nnUNet_compile'] = 'true'  # nnU-Net ignores it on a CPU
+    os.environ['nnUNet_compile'] = 'false'  # the compile check alone turns it on
     device = torch.device(args.device)
     results = {'device': machine_name(device), 'torch': torch.__version__, 'preset': PRESET,
                'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
@@ -131,6 +138,7 @@ def main():
     check(results, 'pinned', lambda: pinned_batches(dataset, device), args.out)
     check(results, 'predict', lambda: predict_both(dataset, images, args.work, args.device), args.out)
     check(results, 'nccl', lambda: nccl_stage(dataset, args.work, args.device), args.out)
+    check(results, 'compile', lambda: compiled_descriptor(dataset, args.device), args.out)
     return 0 if all(r['ok'] for r in results.values() if isinstance(r, dict)) else 1
 
 

@@ -41,12 +41,14 @@ fi
 "$PY" -c "import nnscreener.inference.predict, nnscreener.run.pretrain, nnunetv2.inference.predict_from_raw_data" || exit 1
 echo "packages ready after $(( $(date +%s) - start )) s"
 
-# 2. every CUDA path on a tiny phantom world (compile on); each check is a row of cuda_paths.json, written as it ends
+# 2. every CUDA path on a tiny phantom world, compile last; each check is a row of cuda_paths.json, written as it ends
 timeout $(( $(left) < 200 ? $(left) : 200 )) "$PY" benchmarks/speed/cuda_paths.py --device "$DEVICE" \
     --work "$WORK/paths" --out "$PATHS_JSON" 2>&1 | tee "$WORK/cuda_paths.log"
 
-# 3. the speed table at the default preset, eager (compile was checked above; its minutes would not fit the budget)
-nnUNet_compile=false timeout $(( $(left) - 15 )) "$PY" benchmarks/speed/bench_speed.py --device "$DEVICE" \
+# 3. the speed table at the default preset, eager (compile was checked above; its minutes would not fit the budget);
+#    it rewrites its JSON after each part, so a run cut short by the timeout keeps what it measured
+limit=$(( $(left) - 15 )); if [ "$limit" -lt 60 ]; then limit=60; fi
+nnUNet_compile=false timeout "$limit" "$PY" benchmarks/speed/bench_speed.py --device "$DEVICE" \
     --realct none "${SPEED[@]}" --work "$WORK/speed" --out "$RESULT" 2>&1 | tee "$WORK/bench_speed.log"
 
 "$PY" - "$RESULT" "$PATHS_JSON" <<'EOF'
