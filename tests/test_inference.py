@@ -18,7 +18,7 @@ from nnscreener.inference.anomaly_maps import (case_name, map_to_input_geometry,
                                                preprocess_for_screener, save_case_overlay, scan_score,
                                                write_anomaly_map)
 from nnscreener.inference.overlays import save_overlay_png
-from nnscreener.inference.sliding_window import sliding_window_anomaly_map
+from nnscreener.inference.sliding_window import sliding_window_anomaly_map, sliding_window_anomaly_maps
 from nnscreener.planners.screener_planner import CONFIGURATION
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.utilities.errors import ScreenerInputError
@@ -155,6 +155,22 @@ def test_patch_positions_are_absolute_positions_in_the_volume(shape):
     out = sliding_window_anomaly_map(np.zeros(shape, np.float32), np.zeros(shape, np.float32), PositionModel())
     z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing='ij')
     np.testing.assert_allclose(out, z * 10000 + y * 100 + x, atol=0.05)
+
+
+def test_several_maps_per_patch_are_each_the_map_of_that_output_alone():
+    """sliding_window_anomaly_maps (density variants on shared descriptors): channel k of a C-map model is what the
+    sliding window gives a model returning that map alone, pooled outputs and overlaps included; the one-map
+    function refuses a C-map model."""
+    rng = np.random.default_rng(0)
+    stock, clahe = (rng.random((40, 70, 60)).astype(np.float32) for _ in range(2))
+    outputs = [lambda s, c: F.avg_pool3d(s, 2), lambda s, c: F.avg_pool3d(c, 2) ** 2]
+    both = sliding_window_anomaly_maps(stock, clahe, FnModel(lambda s, c: torch.cat([f(s, c) for f in outputs], 1)),
+                                       step_size=0.5, batch_size=3)
+    assert both.shape == (2, 40, 70, 60)
+    for k, f in enumerate(outputs):
+        np.testing.assert_allclose(both[k], sliding_window_anomaly_map(stock, clahe, FnModel(f), 0.5, 3), atol=1e-6)
+    with pytest.raises(ValueError, match='2 maps per patch'):
+        sliding_window_anomaly_map(stock, clahe, FnModel(lambda s, c: torch.cat([s, c], 1)))
 
 
 def test_model_with_wrong_output_shape_is_refused():
