@@ -100,8 +100,13 @@ def comparison_rows(comparison: dict, folds) -> dict:
     return rows
 
 
+def own_checkpoint(checkpoint: str) -> dict:
+    """A checkpoint this benchmark's trainings wrote (nnU-Net's hold numpy scalars in their log: no weights_only)."""
+    return torch.load(checkpoint, map_location='cpu', weights_only=False)
+
+
 def network_weights(checkpoint: str) -> dict:
-    return torch.load(checkpoint, map_location='cpu', weights_only=True)['network_weights']
+    return own_checkpoint(checkpoint)['network_weights']
 
 
 def weight_groups(weights: dict) -> dict:
@@ -132,9 +137,8 @@ def weight_change(distilled: str, finetuned: str, scratch: str) -> dict:
 
 def training_record(fold_folder: str) -> dict:
     """nnU-Net's per-epoch log kept in the checkpoint (train and validation loss, pseudo Dice on validation patches)
-    and the wall times of the epochs and of the final validation (until its summary.json was written). The checkpoint
-    is one this benchmark's training wrote; its log holds numpy scalars, hence no weights_only."""
-    logging = torch.load(join(fold_folder, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)['logging']
+    and the wall times of the epochs and of the final validation (until its summary.json was written)."""
+    logging = own_checkpoint(join(fold_folder, 'checkpoint_final.pth'))['logging']
     record = {key: [float(v) for v in logging[key]] for key in ('train_losses', 'val_losses', 'mean_fg_dice')}
     start, end = logging['epoch_start_timestamps'][0], logging['epoch_end_timestamps'][-1]
     summary_time = os.path.getmtime(join(fold_folder, 'validation', 'summary.json'))
@@ -218,7 +222,7 @@ def main():
     timings = {}
     result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases}
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
-    result.update({k: lowshot['pooled'][k] for k in ('scratch', 'screener')}, per_fold=lowshot['per_fold'],
+    result.update(lowshot['pooled'], per_fold=lowshot['per_fold'],
                   folds_done=lowshot['folds_done'],
                   weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
     if args.control:
