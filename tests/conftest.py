@@ -1,6 +1,7 @@
 """Session fixtures: one tiny phantom world (raw -> plans -> Screener cache -> all pretraining stages) shared by the
 pipeline tests, so the expensive CPU work runs once per test session."""
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -38,15 +39,22 @@ def nnunet_env(root) -> dict:
     return env
 
 
+@contextmanager
+def environment(env: dict):
+    """os.environ with `env` set inside the block (for session and module fixtures, which get no monkeypatch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield
+
+
 @pytest.fixture(scope='session')
 def phantom_world(tmp_path_factory):
     """nnU-Net folders with tiny phantoms planned and preprocessed the Screener way (target 501, pretrain 500)."""
     from nnscreener.phantoms.make_phantoms import make_phantom_datasets
     from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
     env = nnunet_env(tmp_path_factory.mktemp('phantom_world'))
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with environment(env):
         make_phantom_datasets(TARGET_ID, PRETRAIN_ID, num_labeled=6, num_unlabeled=6, preset='tiny', seed=0)
         plan_and_preprocess(TARGET_ID, [PRETRAIN_ID], preset='tiny', num_processes=2)
     return env
@@ -63,8 +71,6 @@ def in_phantom_world(phantom_world, monkeypatch):
 def pretrained_world(phantom_world):
     """The phantom world after `nnScreener_pretrain` (all four stages, tiny preset, CPU)."""
     from nnscreener.run.pretrain import pretrain
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in phantom_world.items():
-            mp.setenv(k, v)
+    with environment(phantom_world):
         checkpoints = pretrain(TARGET_ID, device='cpu')
     return phantom_world, checkpoints

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import nnunet_env, stock_finetune_until_first_loss
+from conftest import environment, nnunet_env, stock_finetune_until_first_loss
 from test_safety import one_line_error, run_cli
 
 SOURCE_ID, TARGET_ID = 900, 501
@@ -28,9 +28,7 @@ def world(tmp_path_factory):
     from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
     from nnscreener.run.pretrain import pretrain
     env = nnunet_env(tmp_path_factory.mktemp('image_only_world'))
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with environment(env):
         make_phantom_datasets(TARGET_ID, SOURCE_ID, num_labeled=5, num_unlabeled=4, preset='tiny', seed=1)
         assert not isdir(join(env['nnUNet_raw'], SOURCE, 'labelsTr'))
         plan_and_preprocess(SOURCE_ID, preset=PRESET, num_processes=2)

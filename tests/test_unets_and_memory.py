@@ -10,7 +10,7 @@ import pytest
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from conftest import nnunet_env, stock_finetune_until_first_loss
+from conftest import environment, nnunet_env, stock_finetune_until_first_loss
 from test_safety import one_line_error, run_cli
 from nnscreener.planners.gpu_memory import GIB, saved_tensor_bytes, ssl_head_bytes, unet_crop_bytes
 from nnscreener.planners.presets import SCREENER_SPACING, get_preset
@@ -37,9 +37,7 @@ def world(tmp_path_factory):
     from nnscreener.phantoms.make_phantoms import make_phantom_datasets
     from nnscreener.run.pretrain import pretrain
     env = nnunet_env(tmp_path_factory.mktemp('resenc_world'))
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with environment(env):
         make_phantom_datasets(DATASET_ID, None, num_labeled=5, preset='tiny', seed=2)
         subprocess.run(['nnScreener_plan_and_preprocess', '-d', str(DATASET_ID), '--preset', PRESET, '--unet', UNET,
                         '-gpu_memory_target', str(TARGET_GB), '-np', '2'], env={**os.environ, **env}, check=True,
