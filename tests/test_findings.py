@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnscreener.inference.findings import (FindingsSettings, body_voxel_percentile, calibrated_scores, findings,
+from nnscreener.inference.findings import (FindingsSettings, body_voxel_percentile, calibrated_scores,
                                            findings_entry, map_findings)
 from nnscreener.inference.predict import predict, predict_entry
 from nnscreener.utilities.output_folder import load_manifest

@@ -3,7 +3,6 @@ invariance of the condition model, distillation into a stock-loadable nnU-Net UN
 import glob
 import os
 import subprocess
-import sys
 from os.path import isfile, join
 
 import numpy as np

@@ -12,7 +12,7 @@ PNG of AUROC per lesion type to --out. Re-running resumes.
 import argparse
 import os
 import shutil
-from os.path import isdir, isfile, join
+from os.path import isfile, join
 
 import numpy as np
 import SimpleITK as sitk

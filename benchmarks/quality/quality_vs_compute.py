@@ -14,7 +14,6 @@ import argparse
 import re
 from os.path import isfile, join
 
-import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from matplotlib.figure import Figure
 

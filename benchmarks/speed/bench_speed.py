@@ -328,7 +328,7 @@ def stock_model_folder(dataset: str, folder: str) -> str:
 def tree_memory(root: int) -> tuple:
     """(RSS, PSS) bytes of a process and all its descendants, from /proc. PSS shares each page among the processes
     mapping it, so a tree of processes importing the same libraries (stock nnU-Net's workers) is not counted twice."""
-    children, memory = {}, {}
+    children = {}
     for entry in os.listdir('/proc'):
         if entry.isdigit():
             try:

@@ -244,9 +244,8 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
     The output folder must be new or hold only files of nnscreener (`check_output_folder`); its manifest records
     `model_identity` (default: the model name) with the step size, the inputs and their maps (`PredictionRun`).
     Fails fast: the first unreadable or invalid CT (`check_ct_image`, with `allow_non_hu`) stops the run with one
-    line naming the file. Maps already written
-    stay; `continue_` keeps the maps the manifest lists as this model's map of the same input (their scores are
-    recomputed from them) and recomputes the others.
+    line naming the file. Maps already written stay; `continue_` keeps the maps the manifest lists as this model's
+    map of the same input (their scores are recomputed from them) and recomputes the others.
     """
     if not 0 < step_size <= 1 or batch_size < 1:
         raise ScreenerInputError(f'step_size must be in (0, 1] and batch_size >= 1, got {step_size} and {batch_size}')

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from os.path import abspath, isdir, isfile, join
+from os.path import abspath, isdir, join
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
