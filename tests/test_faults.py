@@ -127,6 +127,15 @@ def test_a_corrupt_checkpoint_is_called_corrupt(pretrained_world, tmp_path, monk
         assert 'does not fit its plans' not in error and not (tmp_path / 'maps').exists()
 
 
+def test_garbage_bytes_are_a_corrupt_checkpoint_whatever_torch_trips_over(tmp_path):
+    from nnscreener.training.stage_trainer import load_plain_checkpoint
+    checkpoint = tmp_path / 'checkpoint_final.pth'
+    for seed in range(20):  # these seeds include bytes on which torch's unpickler raises IndexError, not its own error
+        checkpoint.write_bytes(np.random.default_rng(seed).bytes(4096))
+        with pytest.raises(ScreenerInputError, match='checkpoint_final.pth is truncated or corrupt'):
+            load_plain_checkpoint(str(checkpoint), 'cpu')
+
+
 def test_evaluate_geometry_message_has_plain_numbers(in_phantom_world, tmp_path):
     from nnscreener.evaluation.evaluate import evaluate_anomaly_maps
     (tmp_path / 'maps').mkdir()

@@ -269,7 +269,7 @@ def load_plain_checkpoint(checkpoint_file: str, device) -> dict:
         raise ScreenerInputError(f'{checkpoint_file} holds objects other than tensors and plain values, which '
                                  f'nnscreener never writes; refusing to unpickle it ({refused.strip()[:120]}). '
                                  f'Re-run the stage that wrote it')
-    except (RuntimeError, EOFError) as e:  # torch's zip reader: truncated or damaged archive; empty file
+    except Exception as e:  # truncated or damaged zip archive, empty file, or garbage the unpickler trips over
         raise _corrupt_checkpoint(checkpoint_file, e)
 
 
