@@ -9,6 +9,8 @@ from scipy import stats
 
 from nnscreener.density import (ConditionalGaussianDensity, GaussianDensity, GlowDensity, build_density_model,
                                 pool_and_noise, sincos_condition_map, sincos_conditions)
+from nnscreener.density.conditions import median_aggregated_conditions
+from nnscreener.density.modular_screener import ModularScreener
 from nnscreener.density.factory import DENSITY_MODEL_NAMES
 from nnscreener.density.flow import ActNorm
 from nnscreener.utilities.errors import ScreenerInputError
@@ -308,6 +310,41 @@ def test_pool_and_noise():
     torch.testing.assert_close(noisy, pool_and_noise(features, generator=torch.Generator().manual_seed(3)))
     big = torch.zeros(1, 4, 40, 60, 60)
     assert abs(pool_and_noise(big).std().item() - 0.1) < 0.005
+
+
+def test_median_aggregated_conditions_ignore_a_small_lesion_and_keep_an_organ_boundary():
+    """Conditions of two organs (a step along x) with a lesion-like blob of 2^3 density voxels inside one organ: the
+    5^3 median gives every blob voxel its organ's condition, keeps the step where it is, and is a true median (the
+    window's middle value, edges replicated); a 3^3 mean, for comparison, would smear both."""
+    c = torch.zeros(1, 2, 10, 10, 10)
+    c[:, 0, :, :, 5:] = 1.0  # organ boundary between x = 4 and x = 5
+    c[:, 1] = torch.linspace(0, 1, 10).view(1, 1, 10)  # a smooth gradient stays as it is
+    healthy = c.clone()
+    c[:, :, 4:6, 4:6, 1:3] = 5.0  # the "lesion" moves both channels
+    aggregated = median_aggregated_conditions(c, 5)
+    torch.testing.assert_close(aggregated[:, 0], healthy[:, 0])
+    torch.testing.assert_close(aggregated[:, 1, 4:6, 4:6, 1:3], healthy[:, 1, 4:6, 4:6, 1:3])
+    assert torch.equal(median_aggregated_conditions(c, 1), c)
+    x = torch.randn(1, 1, 6, 6, 6)
+    window = F.pad(x, (2,) * 6, mode='replicate')[0, 0, 1:6, 2:7, 0:5]  # the 5^3 window of voxel (1, 2, 0)
+    assert median_aggregated_conditions(x, 5)[0, 0, 1, 2, 0] == window.flatten().median()
+    with pytest.raises(ScreenerInputError):
+        median_aggregated_conditions(c, 4)
+
+
+def test_modular_screener_aggregates_learned_conditions_before_the_noise():
+    """features(): the learned conditions are pooled, median-aggregated with the screener's window, then noised; the
+    descriptors are not aggregated."""
+    torch.manual_seed(0)
+    descriptor, condition = torch.nn.Conv3d(1, D_Y, 3, padding=1), torch.nn.Conv3d(1, D_C, 3, padding=1)
+    x = torch.rand(2, 1, 12, 18, 18)
+    screener = ModularScreener(descriptor, ConditionalGaussianDensity(D_Y, D_C), 'learned', condition, D_C,
+                               condition_median=3)
+    y, c = screener.features(x)
+    torch.testing.assert_close(y, pool_and_noise(descriptor(x), noise_sd=0))
+    torch.testing.assert_close(c, median_aggregated_conditions(pool_and_noise(condition(x), noise_sd=0), 3))
+    _, noisy = screener.features(x, noise_sd=0.1)
+    assert 0.05 < (noisy - c).std().item() < 0.15
 
 
 def test_intensity_histogram_density_is_multimodal_and_conditional():

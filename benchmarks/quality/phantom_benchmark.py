@@ -153,6 +153,20 @@ def finished_seeds(results_file: str, settings: dict) -> dict:
     return {int(seed): result for seed, result in earlier['per_seed'].items()}
 
 
+def carried_over(results_file: str, settings: dict) -> dict:
+    """The per-seed results of the methods an earlier run scored and this one does not run, recorded in
+    `settings['carried_over']`; the earlier run must have used the same phantoms and scored every requested seed."""
+    earlier = load_json(results_file)
+    same = ('n_pretrain', 'n_test', 'phantom_seed')
+    methods = [m for m in earlier['settings']['methods'] if m not in settings['methods']]
+    missing = [s for s in settings['seeds'] if str(s) not in earlier['per_seed']]
+    if any(earlier['settings'].get(k) != settings[k] for k in same) or missing:
+        raise SystemExit(f'{results_file}: other phantoms ({same}) or seeds {missing} not scored there')
+    settings['carried_over'] = {'file': os.path.abspath(results_file), 'methods': methods,
+                                'date': earlier['settings']['machine']['date'], 'preset': earlier['settings']['preset']}
+    return {'methods': methods, 'per_seed': earlier['per_seed']}
+
+
 def aggregate(per_seed: dict, methods) -> dict:
     """{method: {group: {metric: mean_sd over seeds}}}."""
     table = {}
@@ -235,6 +249,9 @@ def main():
     parser.add_argument('-np', type=int, default=2, help='processes for phantoms and preprocessing')
     parser.add_argument('--methods', nargs='+', default=None, choices=list(METHOD_IDS.values()),
                         help='a subset of the methods (default: all)')
+    parser.add_argument('--carry_over', default=None,
+                        help="an earlier run's <work>/results/phantom_quality.json: the methods not in --methods are "
+                             "taken from it, seed by seed (for methods whose code path a change did not touch)")
     parser.add_argument('--results_json', default=None,
                         help='also write the issue-format summary here (e.g. benchmarks/results/phantom_quality.json)')
     args = parser.parse_args()
@@ -247,16 +264,21 @@ def main():
     with timed(timings, 'phantoms, planning, preprocessing'):
         raw = make_world(args.work, args.preset, args.n_pretrain, args.n_test, num_processes=args.np)
         types = type_references(raw, args.work)
+    carried = carried_over(args.carry_over, settings) if args.carry_over else {}
+    shown = [m for m in METHODS if m in methods or m in carried.get('methods', [])]
     finished = finished_seeds(join(out, 'phantom_quality.json'), settings)
     per_seed = {}
     for seed in args.seeds:
         if seed in finished:
             print(f'seed {seed}: scored by an earlier run of the same settings, kept')
             per_seed[seed] = finished[seed]
-            continue
-        with timed(timings, f'seed {seed}'):
-            per_seed[seed] = run_seed(seed, args.work, raw, types, args.device, methods)
-        table = aggregate(per_seed, methods)  # after every seed, so a long run shows results early
+        else:
+            with timed(timings, f'seed {seed}'):
+                per_seed[seed] = run_seed(seed, args.work, raw, types, args.device, methods)
+        if carried:
+            per_seed[seed]['methods'].update({m: carried['per_seed'][str(seed)]['methods'][m]
+                                              for m in carried['methods']})
+        table = aggregate(per_seed, shown)  # after every seed, so a long run shows results early
         atomic_save_json(json_ready({'settings': settings, 'timings_s': timings, 'table': table,
                                      'per_seed': per_seed}), join(out, 'phantom_quality.json'))
         atomic_save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))

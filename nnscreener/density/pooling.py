@@ -18,11 +18,15 @@ def pool_and_noise(features: torch.Tensor, stride: Sequence[int] = (2, 3, 3), no
     shape (B, C, z // sz, y // sy, x // sx) and keeps the input dtype; `generator` (on the features' device) makes
     the noise reproducible.
     """
-    pooled = F.avg_pool3d(features, kernel_size=tuple(stride), stride=tuple(stride))
+    return add_noise(F.avg_pool3d(features, kernel_size=tuple(stride), stride=tuple(stride)), noise_sd, generator)
+
+
+def add_noise(features: torch.Tensor, noise_sd: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """features + N(0, noise_sd^2) noise (the same tensor when noise_sd is 0), in the features' dtype."""
     if noise_sd == 0:
-        return pooled
-    noise = torch.randn(pooled.shape, generator=generator, device=pooled.device, dtype=pooled.dtype)
-    return pooled + noise_sd * noise
+        return features
+    noise = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
+    return features + noise_sd * noise
 
 
 def pooled_body(body: torch.Tensor, stride: Sequence[int] = (2, 3, 3)) -> torch.Tensor:

@@ -76,10 +76,13 @@ def current_run_id(folder: str) -> Optional[str]:
 
 
 def stage_settings(screener: dict, block: str) -> dict:
-    """What decides what a stage learns: its `screener` block without the other stages' blocks, the settings in
-    NOT_TRAINING_SETTINGS and its own `num_steps` (compared on its own), as the plans' JSON holds it."""
+    """What decides what a stage learns: its `screener` block without the settings in NOT_TRAINING_SETTINGS, the
+    blocks of later stages and its own `num_steps` (compared on its own), as the plans' JSON holds it. The blocks of
+    earlier stages stay in, steps included: the density model is fitted to the SSL stages' features, and the
+    distilled UNet to the density stage's maps."""
+    upstream = STAGE_BLOCKS[:STAGE_BLOCKS.index(block) + 1]
     settings = {k: v for k, v in screener.items() if k not in NOT_TRAINING_SETTINGS
-                and (k not in STAGE_BLOCKS or k == block)}
+                and (k not in STAGE_BLOCKS or k in upstream)}
     settings[block] = {k: v for k, v in settings[block].items() if k != 'num_steps'}
     return json.loads(json.dumps(settings))
 

@@ -92,4 +92,10 @@ def modular_screener(dataset_name: str, configuration_manager: ConfigurationMana
         density.load_state_dict(checkpoint['network_weights'])
         density = freeze(density)
     return ModularScreener(descriptor, density.to(device), kind, condition, screener['condition_dim'],
-                           screener['density']['pool_stride'], 'stock' if intensity else 'clahe').to(device)
+                           screener['density']['pool_stride'], 'stock' if intensity else 'clahe',
+                           condition_median_window(screener)).to(device)
+
+
+def condition_median_window(screener: dict) -> int:
+    """The median window of the learned conditions (density voxels); plans from before it existed: 1 (none)."""
+    return int(screener['density'].get('condition_median', 1))
