@@ -41,11 +41,12 @@ def machine_line(machine: dict) -> str:
     return f"{machine['device']}, torch {machine['torch']}, {machine['date']}; command: `{machine['command']}`"
 
 
-def phantom_section(result: dict) -> list:
+def phantom_section(result: dict, headline: bool = False) -> list:
     methods = result['methods']
     settings = result['settings']
     types = [g for g in methods['screener'] if g not in ('all', 'method')]
-    lines = [f"### Phantom benchmark, preset `{result['preset']}`: unsupervised maps, body-only", '',
+    title = settings.get('title', f"preset `{result['preset']}`: unsupervised maps, body-only")
+    lines = [f"### Phantom benchmark, {title}", '',
              f"Preset `{result['preset']}`, training seeds {result['seeds']}, {settings['n_pretrain']} image-only "
              f"pretraining / {settings['n_test']} labeled test phantoms (phantom seed 0). "
              f"{machine_line(settings['machine'])}. Normal voxels, AUPRO's false positives, AP and Dice come from the "
@@ -57,7 +58,12 @@ def phantom_section(result: dict) -> list:
               '|---' * (len(types) + 1) + '|']
     for key, row in methods.items():
         lines.append(f"| {row['method']} | " + ' | '.join(f3_sd(row.get(t, {}), 'auroc_body') for t in types) + ' |')
-    if result['preset'] == 'cpu':  # the headline run's plot (phantom_benchmark.py writes it beside its JSON)
+    carried = settings.get('carried_over')
+    if carried:
+        lines += ['', f"Measured in this run: {', '.join(settings['methods'])}. Carried over per seed from the run of "
+                      f"{carried['date']} (same phantoms, seeds and descriptor/condition models; their code path did "
+                      f"not change): {', '.join(carried['methods'])}."]
+    if headline:  # the headline run's plot (phantom_benchmark.py writes it beside its JSON)
         lines += ['', '![body AUROC per lesion type](images/phantom_quality_auroc.png)']
     lines += ['', f"Distilled vs modular agreement, Pearson r over body voxels: "
                   f"{f3(result.get('distilled_vs_modular_pearson_r'))}.", '']
@@ -93,6 +99,20 @@ def target_lines(methods: dict, types: list) -> list:
     return lines + ['']
 
 
+def oracle_section(result: dict) -> list:
+    table = result['table']
+    groups = list(next(iter(table.values())))
+    lines = ['### Do the conditions see the lesions? (`condition_oracle.json`)', '',
+             f"The default Screener of runs {result['tags']}, {result['cases']} test phantoms; descriptors from the CT, "
+             f"conditions from the CT or from a copy with the lesions in-painted by their surroundings (an oracle). "
+             f"{machine_line(result['machine'])}. Body AUROC ({result['evaluation']}), mean ± sd over runs.", '',
+             '| conditions from | ' + ' | '.join(groups) + ' |', '|---' * (len(groups) + 1) + '|']
+    for column, row in table.items():
+        lines.append(f'| {column} | ' + ' | '.join(
+            f3(row[g]['mean']) + (f" ± {row[g]['sd']:.3f}" if row[g]['n'] > 1 else '') for g in groups) + ' |')
+    return lines + ['']
+
+
 def curve_section(result: dict) -> list:
     lines = ['### Quality against compute (`quality_vs_compute.json`)', '',
              f"{machine_line(result['machine'])}. {result['n_pretrain']} pretraining / {result['n_test']} test "
@@ -116,6 +136,10 @@ def realct_section(result: dict) -> list:
     for model, scans in result['models'].items():
         for scan, row in scans.items():
             lines.append(f"| {model} | {scan} | {f3(row['body_auroc'])} | {row['tumour_median_percentile']:.1f} |")
+    for model, scans in result.get('before', {}).items():
+        for scan, row in scans.items():
+            lines.append(f"| {model}, before median-aggregated conditions | {scan} | {f3(row['body_auroc'])} | "
+                         f"{row['tumour_median_percentile']:.1f} |")
     lines += ['', '![real-CT modular map, STS_003, tumour contour in cyan](images/realct_STS_003_modular.png)']
     return lines + ['', f"Target: the median tumour voxel above {TARGETS['tumour_median_percentile']:.0f} % of the other "
                         f"body voxels in every scan.", '']
@@ -259,7 +283,9 @@ def main():
     text = open(DOC).read()
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
-    for name, section in (('phantom_quality.json', phantom_section), ('quality_vs_compute.json', curve_section),
+    for name, section in (('phantom_quality.json', lambda r: phantom_section(r, headline=True)),
+                          ('phantom_quality_cpu_paper_conditions.json', phantom_section),
+                          ('condition_oracle.json', oracle_section), ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section), ('lowshot.json', lowshot_section),
                           ('speed_cpu.json', lambda r: speed_section(r, 'speed_cpu.json')),

@@ -433,3 +433,27 @@ def test_continue_ignores_checkpoints_of_an_earlier_run(tmp_path):
     run = plan_stage_run(str(tmp_path), 'ssl', screener, True)
     assert not run.finished and run.resume_from is None and run.run_id != 'old'
     assert not (tmp_path / 'checkpoint_final.pth').exists()  # the fresh run cleared them
+
+
+def test_a_stage_is_stale_when_an_upstream_stage_block_changes(tmp_path):
+    """The distilled UNet regresses the density stage's map and the density model fits the SSL features: --c must
+    refuse a finished distillation when the density block changed (e.g. density.condition_median), and a finished
+    density stage when the SSL block changed; a downstream block never invalidates an upstream stage."""
+    from nnscreener.training.stage_runs import RUN_FILE, plan_stage_run
+    screener = {'descriptor_dim': 8, 'ssl': {'num_steps': 6, 'lr': 1e-3},
+                'density': {'num_steps': 3, 'condition_median': 1}, 'distillation': {'num_steps': 2}}
+    (tmp_path / RUN_FILE).write_text(json.dumps({'run_id': 'run'}))
+
+    def finished(block, planned):
+        torch.save({'screener': {'run_id': 'run', 'step': screener[block]['num_steps'], 'plans_screener': screener}},
+                   tmp_path / 'checkpoint_final.pth')
+        return plan_stage_run(str(tmp_path), block, planned, True).finished
+
+    median = {**screener, 'density': {'num_steps': 3, 'condition_median': 5}}
+    with pytest.raises(ScreenerInputError, match='density.condition_median'):
+        finished('distillation', median)
+    with pytest.raises(ScreenerInputError, match='ssl.lr'):
+        finished('density', {**screener, 'ssl': {'num_steps': 6, 'lr': 2e-3}})
+    with pytest.raises(ScreenerInputError, match='ssl.num_steps'):  # upstream steps count: other features
+        finished('distillation', {**screener, 'ssl': {'num_steps': 7, 'lr': 1e-3}})
+    assert finished('ssl', median) and finished('density', {**screener, 'distillation': {'num_steps': 9}})

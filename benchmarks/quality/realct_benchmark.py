@@ -365,9 +365,10 @@ def run_benchmark(args) -> dict:
     return report
 
 
-# the previous session's body-only numbers (2026-11-23, tiny_long, body = voxels > -500 HU, whole-image CLAHE box)
-BEFORE = {'realct_modular': {'STS_001_ct': (0.44, 42), 'STS_002_ct': (0.57, 56), 'STS_003_ct': (0.67, 69)},
-          'realct_distilled': {'STS_001_ct': (0.43, 43), 'STS_002_ct': (0.58, 59), 'STS_003_ct': (0.65, 68)}}
+# the numbers before median-aggregated conditions (2026-12-01 09:52 UTC, tiny_long with the paper's conditions, the
+# same body mask, CLAHE and evaluation), kept beside the new ones in realct_quality.json
+BEFORE = {'realct_modular': {'STS_001_ct': (0.471, 44.8), 'STS_002_ct': (0.712, 71.2), 'STS_003_ct': (0.694, 74.1)},
+          'realct_distilled': {'STS_001_ct': (0.420, 39.4), 'STS_002_ct': (0.791, 79.9), 'STS_003_ct': (0.729, 78.4)}}
 
 
 def issue_summary(report: dict) -> dict:
