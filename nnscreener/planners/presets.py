@@ -127,9 +127,10 @@ PRESETS['cpu_wide'] = _cpu_wide_preset()
 PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
-# "<preset>:steps=N,clahe=X": a preset with every stage trained N steps and/or another CLAHE clip limit, for the
-# quality-vs-compute and CLAHE measurements (benchmarks/quality); the plans record the full name
-PRESET_OVERRIDES = {'steps': int, 'clahe': float}
+# "<preset>:steps=N,clahe=X,median=K": a preset with every stage trained N steps, another CLAHE clip limit and/or
+# another condition median window, for the quality-vs-compute, CLAHE and condition measurements (benchmarks/quality);
+# the plans record the full name
+PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int}
 
 
 def get_preset(name: str) -> dict:
@@ -143,9 +144,12 @@ def get_preset(name: str) -> dict:
         try:
             value = PRESET_OVERRIDES[key](value)
         except (KeyError, ValueError):
-            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int> or clahe=<float>")
+            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float> or "
+                                     f"median=<odd int>")
         if key == 'steps':
             preset = _longer(preset, value, min(value // 10, preset['ssl']['warmup_steps']), max(10, value // 10))
+        elif key == 'median':
+            preset['density']['condition_median'] = value
         else:
             preset['clahe_clip_limit'] = value
     return preset
