@@ -102,7 +102,7 @@ def target_lines(methods: dict, types: list) -> list:
 def oracle_section(result: dict) -> list:
     table = result['table']
     groups = list(next(iter(table.values())))
-    lines = ['### Do the conditions see the lesions? (`condition_oracle.json`)', '',
+    lines = [f"### Do the conditions see the lesions? {result['label']}", '',
              f"The default Screener of runs {result['tags']}, {result['cases']} test phantoms; descriptors from the CT, "
              f"conditions from the CT or from a copy with the lesions in-painted by their surroundings (an oracle). "
              f"{machine_line(result['machine'])}. Body AUROC ({result['evaluation']}), mean ± sd over runs.", '',
@@ -131,7 +131,8 @@ def curve_section(result: dict) -> list:
 
 
 def realct_section(result: dict) -> list:
-    lines = ['### Real CT: the three sarcoma scans (`realct_quality.json`)', '', machine_line(result['machine']) + '.',
+    lines = ['### Real CT: the three sarcoma scans (`realct_quality.json`)', '', machine_line(result['machine']) + '. '
+             + result.get('note', ''),
              '', '| model | scan | body AUROC | tumour median percentile in the body |', '|---|---|---|---|']
     for model, scans in result['models'].items():
         for scan, row in scans.items():
@@ -284,8 +285,9 @@ def main():
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', lambda r: phantom_section(r, headline=True)),
-                          ('phantom_quality_cpu_paper_conditions.json', phantom_section),
-                          ('condition_oracle.json', oracle_section), ('quality_vs_compute.json', curve_section),
+                          ('phantom_quality_cpu_median5.json', phantom_section),
+                          ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
+                          ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section), ('lowshot.json', lowshot_section),
                           ('speed_cpu.json', lambda r: speed_section(r, 'speed_cpu.json')),
