@@ -139,7 +139,7 @@ def realct_section(result: dict) -> list:
             lines.append(f"| {model} | {scan} | {f3(row['body_auroc'])} | {row['tumour_median_percentile']:.1f} |")
     for model, scans in result.get('before', {}).items():
         for scan, row in scans.items():
-            lines.append(f"| {model}, before median-aggregated conditions | {scan} | {f3(row['body_auroc'])} | "
+            lines.append(f"| {model}, earlier run (the paper's conditions, earlier descriptors) | {scan} | {f3(row['body_auroc'])} | "
                          f"{row['tumour_median_percentile']:.1f} |")
     lines += ['', '![real-CT modular map, STS_003, tumour contour in cyan](images/realct_STS_003_modular.png)']
     return lines + ['', f"Target: the median tumour voxel above {TARGETS['tumour_median_percentile']:.0f} % of the other "
