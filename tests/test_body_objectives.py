@@ -96,13 +96,15 @@ def test_whole_ct_map_holds_the_body_minimum_outside_the_body():
     assert np.unravel_index(anomaly_map.argmax(), stock.shape) == (3, 10, 10)  # not the table
 
 
-def test_preset_overrides_set_steps_clahe_and_the_condition_median():
+def test_preset_overrides_set_steps_clahe_and_the_conditions():
     preset = get_preset('tiny:steps=900,clahe=0.01,median=5')
     assert [preset[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [900] * 3
     assert preset['clahe_clip_limit'] == 0.01 and get_preset('tiny')['clahe_clip_limit'] == 0.05
     assert preset['density']['condition_median'] == 5
+    assert get_preset('cpu:leaveout=2')['density']['condition_leave_out'] == [8, 16, 16]  # 2 training mask blocks
     # the paper's conditions by default, with plans as they were before the option existed (no key)
-    assert not any('condition_median' in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1'))
+    assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')
+                   for key in ('condition_median', 'condition_leave_out'))
     assert get_preset('cpu_wide')['patch_size'] == (32, 48, 48) and get_preset('cpu')['ssl']['num_steps'] == 2700
     with pytest.raises(ScreenerInputError, match='steps=<int>'):
         get_preset('tiny:steps=many')

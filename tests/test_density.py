@@ -347,6 +347,29 @@ def test_modular_screener_aggregates_learned_conditions_before_the_noise():
     assert 0.05 < (noisy - c).std().item() < 0.15
 
 
+def test_leave_out_conditions_ignore_what_lies_in_the_voxels_own_cell():
+    """LeaveOutConditions: a voxel's condition is the network's output with its own checkerboard cell masked, so
+    whatever the cell holds (a lesion) cannot change the conditions inside it, while it does change the conditions of
+    the cells around it, whose pass sees it."""
+    from nnscreener.density.conditions import LeaveOutConditions, checkerboard_cells
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, D_C, 5, padding=2), torch.nn.Tanh(),
+                                  torch.nn.Conv3d(D_C, D_C, 5, padding=2))
+    conditions = LeaveOutConditions(network, mask_token=-0.5, cell=(4, 4, 4))
+    x = torch.rand(2, 1, 12, 12, 12)
+    lesion = x.clone()
+    lesion[:, :, 4:8, 4:8, 4:8] += 3.0  # cell (1, 1, 1): odd index sum, masked in the second pass
+    with torch.no_grad():
+        healthy_c, lesion_c = conditions(x), conditions(lesion)
+        masked = torch.where(checkerboard_cells((12, 12, 12), (4, 4, 4)), x, torch.tensor(-0.5))
+        torch.testing.assert_close(healthy_c[..., 4:8, 4:8, 4:8], network(masked)[..., 4:8, 4:8, 4:8])
+    torch.testing.assert_close(lesion_c[..., 4:8, 4:8, 4:8], healthy_c[..., 4:8, 4:8, 4:8])
+    assert (lesion_c - healthy_c)[..., 4:8, 4:8, 8:10].abs().mean() > 1e-2  # the neighbouring cell sees the lesion
+    assert not torch.allclose(network(lesion)[..., 4:8, 4:8, 4:8], network(x)[..., 4:8, 4:8, 4:8])  # unlike plain c
+    with pytest.raises(ScreenerInputError):
+        LeaveOutConditions(network, 0.0, (4, 4))
+
+
 def test_intensity_histogram_density_is_multimodal_and_conditional():
     """The intensity baseline's density: intensities are two-moded at a position (lung or muscle), and a value
     between the modes must score as anomalous, which a Gaussian (mode in the middle) gets backwards. The condition

@@ -126,7 +126,7 @@ PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_ever
 # "<preset>:steps=N,clahe=X,median=K": a preset with every stage trained N steps, another CLAHE clip limit and/or
 # another condition median window, for the quality-vs-compute, CLAHE and condition measurements (benchmarks/quality);
 # the plans record the full name
-PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int}
+PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int}
 
 
 def get_preset(name: str) -> dict:
@@ -140,8 +140,8 @@ def get_preset(name: str) -> dict:
         try:
             value = PRESET_OVERRIDES[key](value)
         except (KeyError, ValueError):
-            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float> or "
-                                     f"median=<odd int>")
+            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
+                                     f"median=<odd int> or leaveout=<int>")
         if key == 'steps':
             preset = _longer(preset, value, min(value // 10, preset['ssl']['warmup_steps']), max(10, value // 10))
         elif key == 'median':
@@ -151,6 +151,12 @@ def get_preset(name: str) -> dict:
             preset['density']['condition_median'] = value
             if value == 1:
                 del preset['density']['condition_median']
+        elif key == 'leaveout':
+            # conditions with each voxel's cell masked (LeaveOutConditions); the cell is `value` mask blocks of the
+            # condition model's training; 0 = none (no key), the paper's conditions
+            preset['density'].pop('condition_leave_out', None)
+            if value:
+                preset['density']['condition_leave_out'] = [value * b for b in preset['ssl']['mask_block_size']]
         else:
             preset['clahe_clip_limit'] = value
     return preset

@@ -9,6 +9,7 @@ from torch import nn
 
 from nnscreener.baselines.intensity import ConditionalHistogramDensity, IntensityDescriptor
 from nnscreener.density.factory import build_density_model
+from nnscreener.density.conditions import LeaveOutConditions
 from nnscreener.density.modular_screener import ModularScreener
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME
 from nnscreener.training.networks import build_plans_unet
@@ -87,6 +88,9 @@ def modular_screener(dataset_name: str, configuration_manager: ConfigurationMana
     condition = None
     if kind == 'learned':
         condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, screener['condition_dim'], device)
+        cell = condition_leave_out_cell(screener)
+        if cell is not None:
+            condition = LeaveOutConditions(condition, condition_mask_token(dataset_name, device), cell)
     if density is None:
         density = density_from_block(screener, kind)
         density.load_state_dict(checkpoint['network_weights'])
@@ -99,3 +103,16 @@ def modular_screener(dataset_name: str, configuration_manager: ConfigurationMana
 def condition_median_window(screener: dict) -> int:
     """The median window of the learned conditions (density voxels); plans from before it existed: 1 (none)."""
     return int(screener['density'].get('condition_median', 1))
+
+
+def condition_leave_out_cell(screener: dict):
+    """The leave-out cell of the learned conditions (`LeaveOutConditions`), or None: the paper's conditions of the
+    unmasked input (plans from before the option have no key)."""
+    cell = screener['density'].get('condition_leave_out')
+    return tuple(cell) if cell else None
+
+
+def condition_mask_token(dataset_name: str, device: torch.device) -> float:
+    """The mask token the condition model was trained with (saved with its SSL objective)."""
+    _, state = load_stage_network(stage_checkpoint(dataset_name, 'condition'), device)
+    return float(state['objective_weights']['masking.mask_token'])
