@@ -48,7 +48,7 @@ def _train_step(objective: nn.Module, trained: nn.Module, batch: dict) -> tuple[
     # engaged clip would hide a gradient off by a factor)
     optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
     trainer = types.SimpleNamespace(device=torch.device('cpu'), optimizer=optimizer, trained=trained,
-                                    objective=objective, hparams={'grad_clip': 1e6},
+                                    objective=objective, stage_settings=types.SimpleNamespace(grad_clip=1e6),
                                     autocast=nnScreenerStageTrainer.autocast.__get__(
                                         types.SimpleNamespace(device=torch.device('cpu'))))
     loss = nnScreenerStageTrainer.train_step(trainer, batch)['loss']

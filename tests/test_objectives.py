@@ -89,3 +89,64 @@ def test_autoencoder_loss_is_the_mean_squared_reconstruction_error_of_the_stock_
     assert float(perfect) == 0
     nothing, _ = AutoencoderObjective(Zeros())(batch)
     assert float(nothing) == pytest.approx(float(batch['data'][:, 0].square().mean()), rel=1e-6)
+
+
+class StandardisedTeacher(nn.Module):
+    """A student that learned its target exactly: the teacher's CLAHE map, standardised as the objective does."""
+
+    def __init__(self, objective: DistillationObjective, clahe: torch.Tensor):
+        super().__init__()
+        self.objective, self.clahe = objective, clahe
+
+    def forward(self, stock):
+        teacher = self.objective.teacher(self.clahe, None, upsample=True)
+        return (teacher - self.objective.target_mean) / self.objective.target_sd
+
+
+def test_each_patch_model_serves_its_model_on_the_input_it_was_trained_on():
+    """The inference adapters beside their models: the distilled UNet's output goes back to the teacher's NLL scale
+    with the objective's own calibration (a student that learned its target reproduces the teacher's map); the
+    modular Screener reads the CLAHE channel; the autoencoder scores the stock input's reconstruction error."""
+    from nnscreener.baselines.autoencoder import AutoencoderPatchModel, reconstruction_error_map
+    from nnscreener.density.modular_screener import DensityPatchModel
+    from nnscreener.distillation.objective import DistilledPatchModel
+    teacher = tiny_screener()
+    objective = DistillationObjective(nn.Conv3d(1, 1, 1), teacher)
+    objective.calibrate([crops(s) for s in range(3)])
+    stock, clahe = crops(4)['data'][:, 0:1], crops(4)['data'][:, 1:2]
+    student = DistilledPatchModel(StandardisedTeacher(objective, clahe), float(objective.target_mean),
+                                  float(objective.target_sd), PATCH, torch.device('cpu'))
+    with torch.no_grad():
+        torch.testing.assert_close(student(stock, None, None), teacher(clahe, None, upsample=True))
+        modular = DensityPatchModel(teacher, PATCH, torch.device('cpu'))
+        torch.testing.assert_close(modular(stock, clahe, None), teacher(clahe, None))
+        assert not torch.allclose(modular(stock, clahe, None), teacher(stock, None))
+    autoencoder = AutoencoderPatchModel(Zeros(), STRIDE, PATCH, torch.device('cpu'))
+    torch.testing.assert_close(autoencoder(stock, clahe, None), reconstruction_error_map(Zeros(), stock, STRIDE))
+    assert student.uses_clahe is False and autoencoder.uses_clahe is False
+
+
+def test_the_intensity_baseline_is_a_density_model_of_the_stock_input_given_its_position():
+    """q(HU | position): the density objective trains it on the pooled stock channel (CLAHE ignored) with sin-cos
+    conditions of where each crop lies, and its patch model skips CLAHE."""
+    from nnscreener.baselines.intensity import IntensityBaseline
+    from nnscreener.density.conditions import sincos_condition_map
+    from nnscreener.density.modular_screener import DensityPatchModel
+    torch.manual_seed(0)
+    baseline = IntensityBaseline(condition_dim=6, pool_stride=STRIDE)
+    objective = DensityObjective(baseline, noise_sd=0.0)
+    batch = crops(3)
+    batch['crop_start'] = torch.tensor([[0, 0, 0], [5, 7, 9]])
+    loss, _ = objective(batch)
+    stock, body = batch['data'][:, 0:1], batch['data'][:, 2:3]
+    c = torch.stack([sincos_condition_map(tuple(s.tolist()), PATCH, 6, STRIDE) for s in batch['crop_start']])
+    nll = baseline.density.nll(F.avg_pool3d(stock, STRIDE, STRIDE), c)
+    pooled_body = F.avg_pool3d(body, STRIDE, STRIDE)[:, 0] > 0.5
+    assert loss.item() == pytest.approx(nll[pooled_body].mean().item(), rel=1e-5)
+    other_clahe = batch['data'].clone()
+    other_clahe[:, 1] = 0
+    assert objective({**batch, 'data': other_clahe})[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    served = DensityPatchModel(baseline, PATCH, torch.device('cpu'))
+    assert served.uses_clahe is False
+    with torch.no_grad():
+        torch.testing.assert_close(served(stock, None, batch['crop_start']), nll.unsqueeze(1))

@@ -109,6 +109,34 @@ def test_condition_model_is_more_masking_invariant_than_descriptor(pretrained_wo
     assert changes['condition'] < changes['descriptor'], changes
 
 
+def test_leave_out_conditions_use_the_trained_mask_token_and_only_change_the_conditions(pretrained_world, monkeypatch):
+    """A density block with `condition_leave_out` assembles the trained condition model behind LeaveOutConditions with
+    the mask token it was trained with; the descriptors are those of the paper's conditions' Screener."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnscreener.density.conditions import LeaveOutConditions
+    from nnscreener.density.gaussian import ConditionalGaussianDensity
+    from nnscreener.planners.settings import ScreenerSettings
+    from nnscreener.training.stages import assemble_modular_screener
+    for k, v in pretrained_world[0].items():
+        monkeypatch.setenv(k, v)
+    plans = PlansManager(join(os.path.dirname(stage_folder(NAME, 'density')), 'plans.json'))
+    config, settings = plans.get_configuration('3d_fullres'), ScreenerSettings.from_plans(plans.plans)
+    token = torch.load(stage_checkpoint(NAME, 'condition'), weights_only=True)['screener']['objective_weights'][
+        'masking.mask_token']
+    leave_out = settings.with_stage('density', condition_leave_out=tuple(settings.ssl.mask_block_size))
+    screeners = [assemble_modular_screener(NAME, config, s, ConditionalGaussianDensity(s.descriptor_dim,
+                                                                                      s.condition_dim), 'cpu')
+                 for s in (settings, leave_out)]
+    assert isinstance(screeners[1].condition, LeaveOutConditions) and not isinstance(screeners[0].condition,
+                                                                                     LeaveOutConditions)
+    assert float(screeners[1].condition.mask_token) == float(token) != 0.0
+    x = torch.rand(1, 1, *config.patch_size)
+    with torch.no_grad():
+        (y, c), (y_leave_out, c_leave_out) = (s.features(x) for s in screeners)
+    torch.testing.assert_close(y, y_leave_out)
+    assert not torch.allclose(c, c_leave_out)
+
+
 def test_resume_continues_step_counter_schedule_and_history(phantom_world, monkeypatch, tmp_path):
     """Interrupt the descriptor stage after its first checkpoint, then `--c`: nothing is lost but the steps after
     the last checkpoint, and the run ends at the planned number of steps with the planned lr schedule."""
@@ -145,8 +173,8 @@ def test_resume_continues_step_counter_schedule_and_history(phantom_world, monke
     final = torch.load(join(resumed.output_folder, 'checkpoint_final.pth'), weights_only=True)['screener']
     assert final['step'] == 16 and final['history']['steps'] == list(range(1, 17))
     from nnscreener.training.lr_schedule import warmup_decay_lr
-    hp = resumed.hparams
-    assert lr_at_10 == pytest.approx(warmup_decay_lr(10, hp['lr'], hp['warmup_steps'], 16))
+    hp = resumed.stage_settings
+    assert lr_at_10 == pytest.approx(warmup_decay_lr(10, hp.lr, hp.warmup_steps, 16))
 
 
 def test_ddp_on_cpu_with_gloo_two_processes(phantom_world, tmp_path):

@@ -13,6 +13,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from conftest import environment, nnunet_env, stock_finetune_until_first_loss
 from test_safety import one_line_error, run_cli
 from nnscreener.planners.gpu_memory import GIB, saved_tensor_bytes, ssl_head_bytes, unet_crop_bytes
+from nnscreener.planners.settings import SSLSettings
 from nnscreener.planners.presets import SCREENER_SPACING, get_preset
 from nnscreener.planners.screener_planner import screener_settings
 from nnscreener.planners.unets import REFERENCE_BATCH_SIZE, UNETS, plans_architecture
@@ -135,12 +136,12 @@ def test_ssl_head_is_counted_as_on_the_cpu():
     """The SSL head's memory is counted on the meta device: the same saved-for-backward bytes as a real CPU forward
     (whose backward runs), plus the AdamW state of its parameters."""
     from nnscreener.ssl.losses import ssl_loss_of_block
-    ssl = get_preset('tiny')['ssl']
+    ssl = SSLSettings.from_dict(get_preset('tiny')['ssl'])
     head = ssl_loss_of_block(ssl, 8)
     y1, y2 = (torch.randn(300, 8, requires_grad=True) for _ in range(2))
     saved, (loss, _) = saved_tensor_bytes(lambda: head(y1, y2))
     loss.backward()
-    assert y1.grad is not None and saved > 300 * sum(ssl['expander_dims']) * 4  # every expander activation, fp32
+    assert y1.grad is not None and saved > 300 * sum(ssl.expander_dims) * 4  # every expander activation, fp32
     assert ssl_head_bytes(ssl, 8, 300) == saved + 16 * sum(p.numel() for p in head.parameters())
 
 
@@ -165,7 +166,7 @@ def test_a_larger_memory_target_never_gives_smaller_batches_and_each_fits():
         m = s['ssl']['batch_size']
         if m < tiny['ssl']['batch_size']:  # the largest that fits: one more CT would not
             pairs = (m + 1) * tiny['ssl']['positive_pairs'] // tiny['ssl']['batch_size']
-            assert 2 * (m + 1) * crop['ssl'] + ssl_head_bytes(tiny['ssl'], 8, pairs) > budget
+            assert 2 * (m + 1) * crop['ssl'] + ssl_head_bytes(SSLSettings.from_dict(tiny['ssl']), 8, pairs) > budget
     assert previous[:3] == (2, 2, 4) and previous[3] > 100  # 1 GB holds the preset; fine-tuning grows as nnU-Net's
     with pytest.raises(ScreenerInputError, match='too small') as info:
         screener_settings('tiny', UNET, 0.002)

@@ -21,12 +21,13 @@ import torch
 from scipy.ndimage import binary_dilation, label
 from sklearn.metrics import roc_auc_score
 
-from nnscreener.inference.predict import load_patch_model
+from nnscreener.inference.trained_model import load_trained_model
 from nnscreener.inference.sliding_window import sliding_window_anomaly_maps
 from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
 from nnscreener.planners.screener_planner import CONFIGURATION
-from nnscreener.preprocessing.screener_cache import clahe_clip_limit, screener_view
+from nnscreener.planners.settings import ScreenerSettings
+from nnscreener.preprocessing.screener_cache import screener_view
 from nnscreener.utilities.io import atomic_save_json, read_image
 from world import TARGET_NAME, machine, mean_sd, use_results, use_work_folder
 
@@ -58,7 +59,7 @@ def preprocessed_case(raw: str, case: str, plans_manager, dataset_json: dict):
     data, seg, _ = configuration.preprocessor_class(verbose=False).run_case_npy(
         sitk.GetArrayFromImage(image)[None].astype(np.float32), types[None].astype(np.int16), properties,
         plans_manager, configuration, dataset_json)
-    view = screener_view(data[0].astype(np.float32), configuration, clahe_clip_limit(plans_manager.plans['screener']))
+    view = screener_view(data[0].astype(np.float32), configuration, ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit)
     return view.clahe, view.body, seg[0][view.slicer]
 
 
@@ -75,7 +76,8 @@ def inpaint_lesions(clahe: np.ndarray, body: np.ndarray, types: np.ndarray) -> n
 
 def score_tag(work: str, tag: str, cases: int) -> dict:
     use_results(work, tag)
-    model, plans_manager, dataset_json = load_patch_model(TARGET_NAME, 'modular', torch.device('cpu'))
+    trained = load_trained_model(TARGET_NAME, 'modular', torch.device('cpu'))
+    model, plans_manager, dataset_json = trained.patch_model, trained.plans_manager, trained.dataset_json
     raw = join(os.environ['nnUNet_raw'], TARGET_NAME)
     rng = np.random.default_rng(0)
     samples = {(column, code): ([], []) for column in COLUMNS for code in LESION_TYPES}

@@ -34,7 +34,7 @@ METHODS = {
     'Screener (learned cond. + flow)': ('modular', 'nnScreenerDensityTrainer_flow'),
     'Screener (no cond., marginal Gaussian)': ('modular', 'nnScreenerDensityTrainer_marginalGaussian'),
     'Screener (sin-cos cond. + Gaussian)': ('modular', 'nnScreenerDensityTrainer_sincosGaussian'),
-    'Baseline: HU given position': ('modular', 'nnScreenerDensityTrainer_intensity'),
+    'Baseline: HU given position': ('intensity', 'nnScreenerIntensityTrainer'),
     'Baseline: 3D autoencoder': ('autoencoder', 'nnScreenerAutoencoderTrainer'),
     'Baseline: local contrast': ('local_contrast', None),
     'Screener distilled (UNet)': ('distilled', None),

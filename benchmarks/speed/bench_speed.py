@@ -119,27 +119,29 @@ def stage_trainer(dataset: str, stage: str, device, max_batch: int = None):
     from nnunetv2.run.run_training import get_trainer_from_args
     trainer = get_trainer_from_args(dataset, CONFIGURATION, FOLD, STAGES[stage], PLANS, False, device=device)
     if max_batch:
-        cap_batch(trainer.hparams, trainer.stage, max_batch)
+        trainer.settings = trainer.settings.with_stage(trainer.settings_block,
+                                                       **capped_batch(trainer.stage_settings, trainer.settings_block,
+                                                                      max_batch))
+        trainer.stage_settings = trainer.settings.stage(trainer.settings_block)
     if stage == 'distillation':  # its target calibration runs the teacher on 64 crops: one batch is enough here
         import nnscreener.trainers.nnscreener_distillation_trainer as distillation
-        distillation.CALIBRATION_CROPS = trainer.hparams['batch_size']
+        distillation.CALIBRATION_CROPS = trainer.stage_settings.batch_size
     trainer.initialize()
     return trainer
 
 
-def cap_batch(hparams: dict, stage: str, max_batch: int) -> None:
-    """SSL: m CTs make 2 m crops; the positive pairs per CT stay the paper's (N / m)."""
-    if stage == 'ssl':
-        pairs_per_ct = hparams['positive_pairs'] // hparams['batch_size']
-        hparams['batch_size'] = min(hparams['batch_size'], max(1, max_batch // 2))
-        hparams['positive_pairs'] = pairs_per_ct * hparams['batch_size']
-    else:
-        hparams['batch_size'] = min(hparams['batch_size'], max_batch)
+def capped_batch(hp, block: str, max_batch: int) -> dict:
+    """The changed settings of stage block `hp`. SSL: m CTs make 2 m crops; the positive pairs per CT stay the
+    paper's (N / m)."""
+    if block == 'ssl':
+        batch_size = min(hp.batch_size, max(1, max_batch // 2))
+        return {'batch_size': batch_size, 'positive_pairs': hp.positive_pairs // hp.batch_size * batch_size}
+    return {'batch_size': min(hp.batch_size, max_batch)}
 
 
 def crops_per_call(trainer) -> int:
-    m = trainer.per_rank_batch_size(trainer.hparams['batch_size'])
-    return 2 * m if trainer.stage == 'ssl' else m
+    m = trainer.per_rank_batch_size(trainer.stage_settings.batch_size)
+    return 2 * m if trainer.settings_block == 'ssl' else m
 
 
 def unet_seconds(network, batch: int, patch, autocast, backward: bool, n: int, warmup: int, device) -> float:
@@ -160,14 +162,14 @@ def bare_work(trainer, n: int, warmup: int, device) -> dict:
     batch, patch = crops_per_call(trainer), trainer.configuration_manager.patch_size
     objective = trainer.objective
     run = {}
-    if trainer.stage == 'ssl':
+    if trainer.settings_block == 'ssl':
         run['unet_fwd_bwd'] = (objective.network, True)
     else:
-        screener = objective.screener if trainer.stage == 'density' else objective.teacher
+        screener = objective.screener if trainer.settings_block == 'density' else objective.teacher
         run['descriptor_fwd'] = (screener.descriptor, False)
         if screener.condition is not None:
             run['condition_fwd'] = (screener.condition, False)
-        if trainer.stage == 'distillation':
+        if trainer.settings_block == 'distillation':
             run['student_fwd_bwd'] = (objective.network, True)
     return {k: unet_seconds(net, batch, patch, trainer.autocast, grad, n, warmup, device)
             for k, (net, grad) in run.items()}
@@ -196,9 +198,9 @@ def stage_steps(trainer, n: int, warmup: int, device) -> dict:
 def ssl_profile(trainer, step: dict, unet_s: float, n: int, warmup: int, device) -> dict:
     """Where an SSL step's time goes: its parts timed alone at the same batch; the rest is jitter, masking and
     feature sampling (and what the parts' separate timing misses)."""
-    m = trainer.per_rank_batch_size(trainer.hparams['batch_size'])
-    pairs = trainer.hparams['positive_pairs'] // trainer.hparams['batch_size']
-    dim = trainer.screener[trainer.feature_dim_key]
+    m = trainer.per_rank_batch_size(trainer.stage_settings.batch_size)
+    pairs = trainer.stage_settings.positive_pairs // trainer.stage_settings.batch_size
+    dim = getattr(trainer.settings, trainer.feature_dim_key)
     y1, y2 = (torch.randn(m, pairs, dim, device=device, requires_grad=True) for _ in range(2))
 
     def loss_fwd_bwd():
@@ -207,7 +209,7 @@ def ssl_profile(trainer, step: dict, unet_s: float, n: int, warmup: int, device)
         loss.backward()
 
     def optimizer_step():  # on the gradients the timed steps left
-        torch.nn.utils.clip_grad_norm_(trainer.objective.parameters(), trainer.hparams.get('grad_clip', 1.0))
+        torch.nn.utils.clip_grad_norm_(trainer.objective.parameters(), trainer.stage_settings.grad_clip)
         trainer.optimizer.step()
     parts = {'loader_wait': step['loader_wait_s'], 'unet_fwd_bwd': unet_s,
              'expander_and_vicreg_fwd_bwd': timed(loss_fwd_bwd, n, warmup, device),
@@ -216,7 +218,7 @@ def ssl_profile(trainer, step: dict, unet_s: float, n: int, warmup: int, device)
     patch = trainer.configuration_manager.patch_size
     flops = {'unet_fwd_bwd': fwd_bwd_flops(trainer.objective.network, [(2 * m, 1, *patch)], False),
              'expander_and_vicreg_fwd_bwd': fwd_bwd_flops(trainer.objective.loss, [(m, pairs, dim)] * 2, True)}
-    return {'positive_pairs': m * pairs, 'expander_dims': list(trainer.hparams.get('expander_dims', ())),
+    return {'positive_pairs': m * pairs, 'expander_dims': list(trainer.stage_settings.expander_dims),
             'tflop': {k: v / 1e12 for k, v in flops.items()},
             'parameters_millions': {'unet': _millions(trainer.objective.network),
                                     'expander': _millions(trainer.objective.loss)},
@@ -244,7 +246,7 @@ def loader_rates(trainer, n: int) -> dict:
     batches per second of the multi-process loader the trainer uses (nnUNet_n_proc_DA workers; n batches)."""
     from nnscreener.training.stage_trainer import shutdown_loader
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-    m = trainer.per_rank_batch_size(trainer.hparams['batch_size'])
+    m = trainer.per_rank_batch_size(trainer.stage_settings.batch_size)
     saved = os.environ.get('nnUNet_n_proc_DA')
     os.environ['nnUNet_n_proc_DA'] = '0'  # nnU-Net's single-threaded augmenter: generate_train_batch in-process
     try:
@@ -255,8 +257,8 @@ def loader_rates(trainer, n: int) -> dict:
     workers = trainer.build_loader(seed=0)
     batches = 1 / timed(lambda: next(workers), max(4, n), 2, torch.device('cpu'))
     shutdown_loader(workers)
-    return {'crop_pairs_per_s_one_process': per_worker, 'pairs_per_ct': trainer.hparams['positive_pairs'] //
-            trainer.hparams['batch_size'], 'multiprocess_batches_per_s': batches, 'batch_m': m,
+    return {'crop_pairs_per_s_one_process': per_worker, 'pairs_per_ct': trainer.stage_settings.positive_pairs //
+            trainer.stage_settings.batch_size, 'multiprocess_batches_per_s': batches, 'batch_m': m,
             'workers': get_allowed_n_proc_DA()}
 
 
@@ -402,13 +404,13 @@ def bench_whole_ct(dataset: str, ct_file: str, work: str, tag: str, stock_model:
 def network_times(dataset: str, ct_file: str, args, device) -> dict:
     """Seconds of the networks alone on the preprocessed CT (sliding window over the body box), in this process."""
     from nnscreener.inference.anomaly_maps import body_anomaly_map, preprocess_for_screener
-    from nnscreener.inference.predict import load_patch_model
-    models = {kind: load_patch_model(dataset, kind, device) for kind in ('modular', 'distilled')}
-    _, plans_manager, dataset_json = models['modular']  # one plans for both models
-    stock, view, _ = preprocess_for_screener(ct_file, plans_manager, plans_manager.get_configuration(CONFIGURATION),
-                                             dataset_json)
+    from nnscreener.inference.trained_model import load_trained_model
+    models = {kind: load_trained_model(dataset, kind, device) for kind in ('modular', 'distilled')}
+    modular = models['modular']  # one plans for both models
+    stock, view, _ = preprocess_for_screener(ct_file, modular.plans_manager, modular.configuration_manager,
+                                             modular.dataset_json)
     result = {'preprocessed_shape': list(stock.shape), 'body_box_shape': list(stock[view.slicer].shape)}
-    for kind, (model, _, _) in models.items():
+    for kind, model in ((kind, trained.patch_model) for kind, trained in models.items()):
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         result[f'{kind}_network_s'] = timed(lambda: body_anomaly_map(stock, view, model, args.step_size), 3, 1,

@@ -77,3 +77,16 @@ class AutoencoderObjective(nn.Module):
     def forward(self, batch: dict):
         x = crop_channels(batch['data'])[0]
         return F.mse_loss(self.network(x).float(), x.float()), {}
+
+
+class AutoencoderPatchModel:
+    """The autoencoder baseline as inference's patch model (`PatchAnomalyModel`): squared reconstruction error of the
+    stock input, averaged over the density's pooling cells."""
+    uses_clahe = False
+
+    def __init__(self, autoencoder: nn.Module, pool_stride, patch_size, device: torch.device):
+        self.autoencoder, self.pool_stride = autoencoder.eval(), tuple(pool_stride)
+        self.patch_size, self.device = tuple(patch_size), device
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
+        return reconstruction_error_map(self.autoencoder, stock, self.pool_stride)

@@ -4,24 +4,45 @@ The "descriptor" is the stock nnU-Net input (HU clipped to [-1000, 300], rescale
 sin-cos encodings of the position. The density is a histogram whose bin probabilities depend on the position: HU
 values are multi-modal at most positions (lung, soft tissue, bone, air across patients), and a Gaussian there
 would put its mode between the modes and call e.g. -500 HU in muscle the most normal value of all.
+
+It takes the density stage's place and budget (nnScreenerIntensityTrainer: steps, batch, lr, crops of the pretraining
+cache) and is served by `nnScreener_predict --model intensity`.
 """
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nnscreener.density.base import conv_mlp
+from nnscreener.density.conditions import sincos_conditions_of_crops
+from nnscreener.density.modular_screener import DensityAnomalyModel
+from nnscreener.density.pooling import pool_and_noise
 
 INTENSITY_DIM = 1
 HISTOGRAM_BINS = 64  # 20 HU per bin over the [-1000, 300] HU range
+# Screener's noise sd 0.1 is relative to descriptors of unit scale; on [0, 1] intensities (1300 HU) it would blur
+# 130 HU, more than most lesions differ by. 0.01 (13 HU, the phantoms' noise level) just dequantises the histogram.
+INTENSITY_NOISE_SD = 0.01
 
 
-class IntensityDescriptor(nn.Module):
-    """The identity on the one-channel stock input: (B, 1, z, y, x) -> (B, 1, z, y, x)."""
+class IntensityBaseline(DensityAnomalyModel):
+    """q(pooled HU | sin-cos position of the pooled voxel in the whole volume) on the stock input."""
+    reads_clahe = False
 
-    def forward(self, stock: torch.Tensor) -> torch.Tensor:
-        return stock
+    def __init__(self, condition_dim: int, pool_stride: Sequence[int] = (2, 3, 3)):
+        super().__init__()
+        self.condition_dim, self.pool_stride = condition_dim, tuple(pool_stride)
+        self.density = ConditionalHistogramDensity(condition_dim)
+
+    def features(self, stock: torch.Tensor, crop_start: Optional[torch.Tensor] = None, noise_sd: float = 0.0):
+        """Pooled intensities y (B, 1, z', y', x') and their sin-cos positions c; crop_start (B, 3) as in the
+        modular Screener."""
+        y = pool_and_noise(stock, self.pool_stride, noise_sd)
+        c = sincos_conditions_of_crops(crop_start, stock.shape[2:], self.condition_dim, self.pool_stride,
+                                       stock.device)
+        return y, c.to(y.dtype)
 
 
 class ConditionalHistogramDensity(nn.Module):

@@ -72,6 +72,15 @@ def sincos_condition_map(crop_start: Sequence[int], crop_shape: Sequence[int], d
     return torch.cat([b.expand(-1, *shape) for b in blocks], 0).to(device=device, dtype=torch.float32)
 
 
+def sincos_conditions_of_crops(crop_start: torch.Tensor, crop_shape: Sequence[int], d_c: int,
+                               stride: Sequence[int], device=None) -> torch.Tensor:
+    """`sincos_condition_map` of each crop of a batch: crop_start (B, 3) -> (B, d_c, z', y', x')."""
+    if crop_start is None:
+        raise ScreenerInputError('sin-cos conditions need the crop positions (crop_start)')
+    return torch.stack([sincos_condition_map(tuple(s.tolist()), crop_shape, d_c, stride, device=device)
+                        for s in crop_start])
+
+
 def median_aggregated_conditions(c: torch.Tensor, size: int) -> torch.Tensor:
     """Per-channel median of condition maps (B, C, z, y, x) over a size^3 window of density voxels (edges
     replicated); size 1 returns c itself.

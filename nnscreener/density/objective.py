@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnscreener.density.modular_screener import ModularScreener
+from nnscreener.density.modular_screener import DensityAnomalyModel
 from nnscreener.density.pooling import body_mean, pooled_body
 from nnscreener.utilities.cache_channels import crop_channels
 
@@ -19,7 +19,7 @@ class DensityObjective(nn.Module):
     batch: data (B, 3, *patch) crops [stock, CLAHE, body] (utilities/cache_channels.py); crop_start (B, 3).
     """
 
-    def __init__(self, screener: ModularScreener, noise_sd: float):
+    def __init__(self, screener: DensityAnomalyModel, noise_sd: float):
         super().__init__()
         self.screener, self.noise_sd = screener, noise_sd
         self.network = screener.density

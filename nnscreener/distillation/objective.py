@@ -1,5 +1,5 @@
 """The distillation stage's objective (pure torch; nnScreenerDistillationTrainer builds the student and the teacher,
-calibrates the target and feeds batches of Screener-cache crops)."""
+calibrates the target and feeds batches of Screener-cache crops), and the distilled student as inference's patch model."""
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,3 +60,16 @@ class DistillationObjective(nn.Module):
         target = (self.teacher_map(data, batch['crop_start']) - self.target_mean) / self.target_sd
         prediction = self.network(stock).float()
         return body_mean((prediction - target).square(), body > 0.5), {}
+
+
+class DistilledPatchModel:
+    """The distilled UNet as inference's patch model (`PatchAnomalyModel`): its output on the stock input, mapped back
+    to the teacher's NLL scale with the target's calibration (`DistillationObjective.target_mean / target_sd`)."""
+    uses_clahe = False
+
+    def __init__(self, network: nn.Module, target_mean: float, target_sd: float, patch_size, device: torch.device):
+        self.network, self.patch_size, self.device = network.eval(), tuple(patch_size), device
+        self.target_mean, self.target_sd = target_mean, target_sd
+
+    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
+        return self.network(stock) * self.target_sd + self.target_mean

@@ -1,7 +1,7 @@
 """Whole-CT anomaly maps: preprocess like nnU-Net, sliding window, back to the input geometry, NIfTI + scan scores.
 
 The model is anything implementing `PatchAnomalyModel` (the modular Screener or the distilled UNet); loading it
-from a trained model folder is `predict.py`'s job.
+from a trained model folder is `trained_model.py`'s job.
 """
 import csv
 import io
@@ -21,7 +21,8 @@ from nnscreener.inference.manifest import PredictionRun
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map, sliding_window_anomaly_maps
 from nnscreener.preprocessing.body import body_mask_of_image
-from nnscreener.preprocessing.screener_cache import ScreenerView, clahe_clip_limit, screener_view
+from nnscreener.planners.settings import ScreenerSettings
+from nnscreener.preprocessing.screener_cache import ScreenerView, screener_view
 from nnscreener.preprocessing.validation import check_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_path, atomic_save_json, dicom_series_id, read_image
@@ -80,7 +81,7 @@ def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configur
     data, _, properties = preprocessor.run_case_npy(sitk.GetArrayViewFromImage(image)[None], None, properties,
                                                     plans_manager, configuration_manager, dataset_json)
     stock = data[0].astype(np.float32, copy=False)
-    view = screener_view(stock, configuration_manager, clahe_clip_limit(plans_manager.plans['screener']), with_clahe)
+    view = screener_view(stock, configuration_manager, ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit, with_clahe)
     return stock, view, properties
 
 

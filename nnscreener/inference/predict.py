@@ -1,150 +1,17 @@
 """`nnScreener_predict`: unsupervised anomaly maps of raw CTs with the modular or the distilled Screener (or the
 autoencoder and local-contrast baselines of the quality benchmark)."""
 import os
-from os.path import isfile, join
-from typing import Tuple
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
 
-from nnscreener.baselines.autoencoder import build_autoencoder, reconstruction_error_map
 from nnscreener.inference.anomaly_maps import OVERLAY_FOLDER, predict_anomaly_maps
 from nnscreener.inference.findings import (FindingsSettings, add_findings_arguments, findings_settings,
                                            resolve_reference, write_findings_report)
-from nnscreener.baselines.local_contrast import LocalContrastPatchModel
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
-from nnscreener.training.networks import build_plans_unet
-from nnscreener.training.stage_trainer import load_stage_network
-from nnscreener.training.stages import modular_screener, screener_dataset, stage_checkpoint, stage_folder
+from nnscreener.inference.trained_model import MODEL_KINDS, load_trained_model
 from nnscreener.utilities.cli import add_device_argument, argument_parser
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.io import file_sha256
 from nnscreener.utilities.output_folder import check_output_folder
-from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
-
-AUTOENCODER_TRAINER = 'nnScreenerAutoencoderTrainer'
-# model kind -> (stage, trainer) whose result folder holds the plans.json / dataset.json it was trained with
-MODEL_FOLDERS = {'modular': ('density', None), 'distilled': ('distillation', None),
-                 'autoencoder': ('density', AUTOENCODER_TRAINER)}
-LOCAL_CONTRAST = 'local_contrast'  # training-free baseline: the dataset's preprocessed plans are all it needs
-MODEL_KINDS = tuple(MODEL_FOLDERS) + (LOCAL_CONTRAST,)
-
-
-class ModularPatchModel:
-    """descriptor -> condition -> density on the CLAHE patch; the map stays at the pooled resolution."""
-
-    def __init__(self, screener: nn.Module, patch_size, device: torch.device):
-        self.screener, self.patch_size, self.device = screener.eval(), tuple(patch_size), device
-
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
-        return self.screener(self.screener.select_input(stock, clahe), crop_start)
-
-
-class DistilledPatchModel:
-    """The distilled UNet on the stock nnU-Net input, mapped back to the teacher's NLL scale."""
-    uses_clahe = False
-
-    def __init__(self, network: nn.Module, target_mean: float, target_sd: float, patch_size, device: torch.device):
-        self.network, self.patch_size, self.device = network.eval(), tuple(patch_size), device
-        self.target_mean, self.target_sd = target_mean, target_sd
-
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
-        return self.network(stock) * self.target_sd + self.target_mean
-
-
-class AutoencoderPatchModel:
-    """Baseline: squared reconstruction error of the stock input, averaged over the density's pooling cells."""
-    uses_clahe = False
-
-    def __init__(self, autoencoder: nn.Module, pool_stride, patch_size, device: torch.device):
-        self.autoencoder, self.pool_stride = autoencoder.eval(), tuple(pool_stride)
-        self.patch_size, self.device = tuple(patch_size), device
-
-    def __call__(self, stock: torch.Tensor, clahe: torch.Tensor, crop_start: torch.Tensor) -> torch.Tensor:
-        return reconstruction_error_map(self.autoencoder, stock, self.pool_stride)
-
-
-def load_patch_model(name: str, kind: str, device: torch.device,
-                     density_trainer: str = None) -> Tuple[object, PlansManager, dict]:
-    """The trained model of dataset `name` with the plans and dataset.json it was trained with; `density_trainer`
-    picks a density-stage variant for the modular model."""
-    if kind not in MODEL_KINDS:
-        raise ScreenerInputError(f'unknown model {kind!r}; choose {MODEL_KINDS}')
-    if kind == LOCAL_CONTRAST:
-        return _local_contrast_model(name)
-    folder = _model_folder(name, kind, density_trainer)
-    if not isfile(join(folder, 'plans.json')):
-        trainer = MODEL_FOLDERS[kind][1]
-        raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run nnScreener_pretrain -d '
-                                 f'{screener_dataset(name)}'
-                                 + (' --stages density --density_trainer ' + trainer if trainer else ''))
-    plans_manager = PlansManager(load_json(join(folder, 'plans.json')))
-    configuration_manager = plans_manager.get_configuration(CONFIGURATION)
-    try:
-        model = _build_patch_model(name, kind, plans_manager.plans['screener'], configuration_manager, device,
-                                   density_trainer)
-    except RuntimeError as e:  # load_state_dict: missing keys or shape mismatches
-        raise ScreenerInputError(f'a {kind} checkpoint of {name} does not fit its plans ({str(e).splitlines()[0]}); '
-                                 f're-run nnScreener_pretrain with these plans')
-    return model, plans_manager, load_json(join(folder, 'dataset.json'))
-
-
-def _model_folder(name: str, kind: str, density_trainer: str = None) -> str:
-    """The trainer folder whose plans.json / dataset.json the model was trained with."""
-    stage, trainer = MODEL_FOLDERS[kind]
-    return os.path.dirname(stage_folder(name, stage, density_trainer if kind == 'modular' else trainer))
-
-
-def model_identity(name: str, kind: str, density_trainer: str = None) -> dict:
-    """What makes a map this model's (recorded in the predict output folder's manifest): dataset, kind, density
-    trainer, the plans (identifier, preset, sha256 of the plans file used) and the sha256 of every checkpoint the
-    model is built from (for the modular model those of the descriptor, condition and density stages present)."""
-    if kind == LOCAL_CONTRAST:
-        plans_file, checkpoints = _preprocessed_plans_file(name), []
-    elif kind == 'modular':
-        plans_file = join(_model_folder(name, kind, density_trainer), 'plans.json')
-        stages = (('descriptor', None), ('condition', None), ('density', density_trainer))
-        checkpoints = [f for f in (stage_checkpoint(name, s, t) for s, t in stages) if isfile(f)]
-    else:
-        plans_file = join(_model_folder(name, kind), 'plans.json')
-        checkpoints = [stage_checkpoint(name, *MODEL_FOLDERS[kind])]
-    return {'dataset': name, 'model': kind, 'density_trainer': density_trainer, 'plans': SCREENER_PLANS_NAME,
-            'preset': load_json(plans_file)['screener'].get('preset'), 'plans_sha256': file_sha256(plans_file),
-            'checkpoints': {os.path.relpath(f, os.environ['nnUNet_results']): file_sha256(f) for f in checkpoints}}
-
-
-def _preprocessed_plans_file(name: str) -> str:
-    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
-
-
-def _local_contrast_model(name: str) -> Tuple[object, PlansManager, dict]:
-    require_env('nnUNet_preprocessed')
-    plans_file = _preprocessed_plans_file(name)
-    if not isfile(plans_file):
-        raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
-    plans_manager = PlansManager(load_json(plans_file))
-    model = LocalContrastPatchModel(plans_manager.get_configuration(CONFIGURATION).patch_size)
-    return model, plans_manager, load_json(join(preprocessed_dataset_folder(name), 'dataset.json'))
-
-
-def _build_patch_model(name: str, kind: str, screener: dict, configuration_manager: ConfigurationManager,
-                       device: torch.device, density_trainer: str = None):
-    patch = configuration_manager.patch_size
-    if kind == 'modular':
-        return ModularPatchModel(modular_screener(name, configuration_manager, screener, device,
-                                                  density_trainer=density_trainer), patch, device)
-    stage, trainer = MODEL_FOLDERS[kind]
-    checkpoint, state = load_stage_network(stage_checkpoint(name, stage, trainer), device)
-    if kind == 'distilled':
-        network = build_plans_unet(configuration_manager, 1).to(device)
-        network.load_state_dict(checkpoint['network_weights'])
-        weights = state['objective_weights']
-        return DistilledPatchModel(network, float(weights['target_mean']), float(weights['target_sd']), patch, device)
-    autoencoder = build_autoencoder(configuration_manager, screener['descriptor_dim']).to(device)
-    autoencoder.load_state_dict(checkpoint['network_weights'])
-    return AutoencoderPatchModel(autoencoder, screener['density']['pool_stride'], patch, device)
+from nnscreener.utilities.paths import dataset_name, require_env
 
 
 def predict(input_path, output_folder: str, dataset, model: str = 'modular', device: str = 'cuda',
@@ -160,15 +27,13 @@ def predict(input_path, output_folder: str, dataset, model: str = 'modular', dev
     require_env('nnUNet_results')
     check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))  # before loading anything
     name = dataset_name(dataset)
-    patch_model, plans_manager, dataset_json = load_patch_model(name, model, torch.device(device), density_trainer)
+    trained = load_trained_model(name, model, torch.device(device), density_trainer)
     model_name = model if model != 'modular' or density_trainer is None else f'{model} ({density_trainer})'
-    identity = model_identity(name, model, density_trainer)
-    reference = resolve_reference(findings, {**identity, 'step_size': step_size}) if findings else None
-    records = predict_anomaly_maps(input_path, output_folder, patch_model, plans_manager,
-                                   plans_manager.get_configuration(CONFIGURATION), dataset_json, step_size,
-                                   batch_size, overlays, continue_, model_name=model_name,
-                                   reference_folder=reference_folder, model_identity=identity,
-                                   allow_non_hu=allow_non_hu)
+    reference = resolve_reference(findings, {**trained.identity, 'step_size': step_size}) if findings else None
+    records = predict_anomaly_maps(input_path, output_folder, trained.patch_model, trained.plans_manager,
+                                   trained.configuration_manager, trained.dataset_json, step_size, batch_size,
+                                   overlays, continue_, model_name=model_name, reference_folder=reference_folder,
+                                   model_identity=trained.identity, allow_non_hu=allow_non_hu)
     if reference:
         write_findings_report(output_folder, reference, findings.min_volume_ml, findings.n_png)
     return records

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from nnscreener.inference.anomaly_maps import (MAP_ENDING, OVERLAY_FOLDER, body_anomaly_maps, find_ct_files,
                                                map_to_input_geometry, preprocess_ct_image, write_anomaly_map)
 from nnscreener.inference.manifest import PredictionRun
-from nnscreener.inference.predict import ModularPatchModel, load_patch_model, model_identity, predict
+from nnscreener.density.modular_screener import DensityPatchModel
+from nnscreener.inference.predict import predict
+from nnscreener.inference.trained_model import load_trained_model
 from nnscreener.planners.screener_planner import CONFIGURATION
 from nnscreener.preprocessing.validation import check_ct_image
 from nnscreener.utilities.errors import ScreenerInputError
@@ -46,13 +48,14 @@ class DensityVariantsPatchModel:
     """A `PatchAnomalyModel` with one map per variant (B, V, z', y', x'), the variants sharing one descriptor and
     one condition network (every variant loads them from the same stage checkpoints, so one copy serves all)."""
 
-    def __init__(self, variants: Sequence[ModularPatchModel]):
+    def __init__(self, variants: Sequence[DensityPatchModel]):
         shared = {}
         for screener in (v.screener for v in variants):
-            if screener.descriptor_input == 'clahe':  # a UNet; the intensity baseline's descriptor is the HU input
-                screener.descriptor = shared.setdefault('descriptor', ReuseLastOutput(screener.descriptor))
+            screener.descriptor = shared.setdefault('descriptor', ReuseLastOutput(screener.descriptor))
             if screener.condition is not None:  # learned conditions; sin-cos ones are computed, not a network
-                screener.condition = shared.setdefault('condition', ReuseLastOutput(screener.condition))
+                # variants with and without leave-out conditions share the network, not its output
+                key = ('condition', getattr(screener.condition, 'cell', None))
+                screener.condition = shared.setdefault(key, ReuseLastOutput(screener.condition))
         if len({v.patch_size for v in variants}) != 1:
             raise ScreenerInputError('the density variants were trained with different plans (patch sizes '
                                      f'{sorted({v.patch_size for v in variants})}): predict them one at a time')
@@ -83,17 +86,17 @@ def predict_density_variants(input_path: Union[str, Sequence[str]], output_folde
         check_output_folder(folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
     name = dataset_name(dataset)
     cases = find_ct_files(input_path)
-    models = {t: load_patch_model(name, 'modular', torch.device(device), t) for t in folders}
+    models = {t: load_trained_model(name, 'modular', torch.device(device), t) for t in folders}
     with ExitStack() as stack:
         runs = {}
         for t, folder in folders.items():
             stack.enter_context(output_folder_lock(folder, (OVERLAY_FOLDER,)))
             manifest = check_output_folder(folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
             runs[t] = PredictionRun(folder, manifest, cases, {case: case + MAP_ENDING for case in cases},
-                                    {**model_identity(name, 'modular', t), 'step_size': step_size}, continue_)
-        _, plans_manager, dataset_json = next(iter(models.values()))  # the variants share the plans
-        _write_missing_maps(cases, runs, DensityVariantsPatchModel([m[0] for m in models.values()]), plans_manager,
-                            dataset_json, step_size, batch_size, allow_non_hu)
+                                    {**models[t].identity, 'step_size': step_size}, continue_)
+        first = next(iter(models.values()))  # the variants share the plans
+        _write_missing_maps(cases, runs, DensityVariantsPatchModel([m.patch_model for m in models.values()]),
+                            first.plans_manager, first.dataset_json, step_size, batch_size, allow_non_hu)
     return {t: predict(input_path, folder, dataset, 'modular', device, step_size, batch_size, overlays, True, t,
                        reference_folder, allow_non_hu) for t, folder in folders.items()}
 

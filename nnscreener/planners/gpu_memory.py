@@ -18,13 +18,14 @@ applied). The Screener stages keep the preset's batches (the paper's) as their c
 to it that fits; the SSL stage keeps its positive pairs per CT. Patch and widths stay the preset's: the patch is part
 of the method (the context of the conditions), so a target that cannot hold the smallest batches is a one-line error.
 """
-from copy import deepcopy
+import dataclasses
 from typing import Callable, Tuple
 
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnscreener.planners.presets import SCREENER_SPACING
+from nnscreener.planners.settings import ScreenerSettings, SSLSettings
 from nnscreener.planners.unets import REFERENCE_BATCH_SIZE, plans_architecture, unet_spec
 from nnscreener.ssl.losses import ssl_loss_of_block
 from nnscreener.utilities.errors import ScreenerInputError
@@ -58,7 +59,7 @@ def saved_tensor_bytes(forward: Callable) -> Tuple[int, object]:
     return sum(storages.values()), result
 
 
-def ssl_head_bytes(ssl: dict, features: int, positive_pairs: int) -> int:
+def ssl_head_bytes(ssl: SSLSettings, features: int, positive_pairs: int) -> int:
     """Training memory of the SSL head over `positive_pairs` pairs of `features`-dim descriptors (module docstring)."""
     with torch.device('meta'):
         head = ssl_loss_of_block(ssl, features)
@@ -73,13 +74,14 @@ def fit_to_gpu_memory(settings: dict, unet: str, target_gb: float, num_labels: i
     if not target_gb > 0:
         raise ScreenerInputError(f'-gpu_memory_target must be a positive number of GB, not {target_gb}')
     budget = target_gb * GIB
-    architecture = plans_architecture(unet, SCREENER_SPACING, settings['patch_size'], settings['base_num_features'],
-                                      settings['max_num_features'])
-    features = max(settings['descriptor_dim'], settings['condition_dim'])
-    crop = {name: unet_crop_bytes(architecture, settings['patch_size'], channels, unet)
+    typed = ScreenerSettings.from_dict(settings)
+    architecture = plans_architecture(unet, SCREENER_SPACING, typed.patch_size, typed.base_num_features,
+                                      typed.max_num_features)
+    features = max(typed.descriptor_dim, typed.condition_dim)
+    crop = {name: unet_crop_bytes(architecture, typed.patch_size, channels, unet)
             for name, channels in (('ssl', features), ('distillation', 1), ('finetune', num_labels))}
-    ssl = settings['ssl']
-    pairs_per_ct = ssl['positive_pairs'] // ssl['batch_size']
+    ssl = typed.ssl
+    pairs_per_ct = ssl.positive_pairs // ssl.batch_size
 
     def ssl_step(m: int) -> float:  # m CTs, two crops each, and the head over their pairs
         return 2 * m * crop['ssl'] + ssl_head_bytes(ssl, features, m * pairs_per_ct)
@@ -87,22 +89,19 @@ def fit_to_gpu_memory(settings: dict, unet: str, target_gb: float, num_labels: i
     needed = max(ssl_step(1), crop['ssl'], crop['distillation'], (MIN_FINETUNE_BATCH - 0.5) * crop['finetune'])
     if budget < needed:
         raise ScreenerInputError(
-            f'-gpu_memory_target {target_gb} GB is too small for the patch {tuple(settings["patch_size"])} with the '
+            f'-gpu_memory_target {target_gb} GB is too small for the patch {typed.patch_size} with the '
             f'{unet} UNet: one SSL step of one CT and a fine-tuning batch of {MIN_FINETUNE_BATCH} need about '
             f'{needed / GIB:.3g} GB by nnU-Net\'s estimate; give at least that, or a smaller preset')
-    fitted = deepcopy(settings)
-    m = _largest(ssl['batch_size'], lambda b: ssl_step(b) <= budget)
-    fitted['ssl'].update(batch_size=m, positive_pairs=m * pairs_per_ct)
+    m = _largest(ssl.batch_size, lambda b: ssl_step(b) <= budget)
+    fitted = typed.with_stage('ssl', batch_size=m, positive_pairs=m * pairs_per_ct)
     for stage, per_crop in (('density', crop['ssl']), ('distillation', crop['distillation'])):
-        fitted[stage]['batch_size'] = _largest(settings[stage]['batch_size'], lambda b: b * per_crop <= budget)
-    fitted['finetune_batch_size'] = max(MIN_FINETUNE_BATCH, round(budget / crop['finetune']))
-    fitted['gpu_memory'] = {
-        'target_gb': target_gb,
-        'calibration': unet_spec(unet).planner,
-        'gb_per_crop': {name: round(value / GIB, 6) for name, value in crop.items()},
-        'ssl_step_gb': round(ssl_step(m) / GIB, 6),
-    }
-    return fitted
+        fitted = fitted.with_stage(stage, batch_size=_largest(typed.stage(stage).batch_size,
+                                                              lambda b: b * per_crop <= budget))
+    fitted = dataclasses.replace(fitted, finetune_batch_size=max(MIN_FINETUNE_BATCH, round(budget / crop['finetune'])),
+                                 gpu_memory={'target_gb': target_gb, 'calibration': unet_spec(unet).planner,
+                                             'gb_per_crop': {name: round(value / GIB, 6) for name, value in crop.items()},
+                                             'ssl_step_gb': round(ssl_step(m) / GIB, 6)})
+    return fitted.to_dict()
 
 
 def _largest(upper: int, fits: Callable[[int], bool]) -> int:

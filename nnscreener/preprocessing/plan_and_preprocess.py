@@ -11,7 +11,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnscreener.planners.presets import PRESETS, SCREENER_SPACING
 from nnscreener.planners.screener_planner import (CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME, nnScreenerPlanner,
                                                   planned_unet, screener_settings)
-from nnscreener.planners.unets import UNETS
+from nnscreener.planners.settings import ScreenerSettings
+from nnscreener.planners.unets import DEFAULT_UNET, UNETS
 from nnscreener.preprocessing.screener_cache import build_screener_cache, screener_cache_folder
 from nnscreener.preprocessing.validation import check_raw_ct_dataset, load_ct_dataset_json
 from nnscreener.training.stages import screener_dataset
@@ -40,9 +41,9 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     require_env('nnUNet_raw', 'nnUNet_preprocessed')
     target = dataset_name(dataset_id)
     source = _screener_source(screener_from, target, pretrain_dataset_ids)
-    source_screener = load_json(_plans_file(source))['screener'] if source else {}
-    preset = preset or source_screener.get('preset', 'default')
-    unet = unet or planned_unet(source_screener)
+    source_settings = ScreenerSettings.from_plans(load_json(_plans_file(source))) if source else None
+    preset = preset or (source_settings.preset if source else None) or 'default'
+    unet = unet or (source_settings.unet if source else DEFAULT_UNET)
     # an unknown preset, override or UNet, or a memory target too small, is a one-line error before any work
     settings = screener_settings(preset, unet, gpu_memory_target,
                                  _num_labels(target) if gpu_memory_target is not None else 2)
@@ -120,13 +121,14 @@ def _screener_source(screener_from, target: str, pretrain_dataset_ids: Sequence)
 def _check_source_network(source: str, preset: str, settings: dict) -> None:
     """Before any image is read: a preset whose patch or network differs from the source Screener's. The planner
     checks the finished plans in full (spacing, intensities, the network nnU-Net builds)."""
-    planned = load_json(_plans_file(source))['screener']
+    planned = load_json(_plans_file(source))['screener']  # compared as the JSON holds it
     differ = _differing_keys(planned, settings, NETWORK_KEYS)
     if differ:
+        source_settings = ScreenerSettings.from_dict(planned)
         raise ScreenerInputError(f'preset {preset} with the {planned_unet(settings)} UNet gives another '
-                                 f'{", ".join(differ)} than the Screener of {source} (preset {planned["preset"]}, '
-                                 f'{planned_unet(planned)} UNet): plan with --preset {planned["preset"]} --unet '
-                                 f'{planned_unet(planned)}, or leave --preset and --unet out')
+                                 f'{", ".join(differ)} than the Screener of {source} (preset {source_settings.preset}, '
+                                 f'{source_settings.unet} UNet): plan with --preset {source_settings.preset} --unet '
+                                 f'{source_settings.unet}, or leave --preset and --unet out')
 
 
 # preset keys that shape nnU-Net's plans configuration and preprocessed data; the others only steer the training

@@ -23,8 +23,9 @@ from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPre
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.preprocessing.body import body_mask, mask_bbox
-from nnscreener.preprocessing.clahe import LEGACY_CLAHE_CLIP_LIMIT, apply_clahe
+from nnscreener.preprocessing.clahe import apply_clahe
 from nnscreener.utilities.errors import ScreenerInputError
 from nnscreener.utilities.io import atomic_save_json, atomic_save_npy
 
@@ -34,11 +35,6 @@ CACHE_CHANNELS = 3  # stock input, CLAHE, body mask
 
 def screener_cache_folder(preprocessed_dataset_folder: str, configuration_manager: ConfigurationManager) -> str:
     return join(preprocessed_dataset_folder, configuration_manager.data_identifier + '_screener')
-
-
-def clahe_clip_limit(screener_plans: dict) -> float:
-    """The CLAHE clip limit the plans were made with (plans made before it was recorded used 0.01)."""
-    return float(screener_plans.get('clahe_clip_limit', LEGACY_CLAHE_CLIP_LIMIT))
 
 
 @dataclass
@@ -73,7 +69,7 @@ def preprocess_screener_case(image_files: List[str], plans_manager: PlansManager
     """Stock nnU-Net preprocessing of one CT, body crop, CLAHE -> ((3, z, y, x) float16 [stock, CLAHE, body], bbox)."""
     data, _, _ = DefaultPreprocessor(verbose=False).run_case(image_files, None, plans_manager, configuration_manager,
                                                              dataset_json)
-    view = screener_view(data[0], configuration_manager, clahe_clip_limit(plans_manager.plans['screener']))
+    view = screener_view(data[0], configuration_manager, ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit)
     return np.stack([data[0][view.slicer], view.clahe, view.body]).astype(np.float16), view.bbox
 
 
@@ -102,7 +98,7 @@ def build_screener_cache(cache_folder: str, sources: Dict[str, Dict[str, dict]],
         for case, files in cases.items():
             jobs.append((f'{source}/{case}', role, files['images'], join(cache_folder, source, case + '.npy'),
                          plans_manager, configuration_manager, dataset_json, skip_existing))
-    made_with = {'clahe_clip_limit': clahe_clip_limit(plans_manager.plans['screener']),
+    made_with = {'clahe_clip_limit': ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit,
                  'patch_size': [int(p) for p in configuration_manager.patch_size]}  # CLAHE, and the body box's size
     old_index = _load_index(cache_folder)
     if any(old_index.get(k) != v for k, v in made_with.items()):  # a cache made otherwise: redo every case

@@ -14,6 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.planners.presets import PRESETS
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, check_same_screener_input
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.progress import StageProgress
 from nnscreener.training.stage_trainer import SEED_ENV
 from nnscreener.training.stage_runs import StageRun, plan_stage_run
@@ -48,11 +49,13 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
         os.environ[SEED_ENV] = str(seed)
     ordered = [s for s in STAGE_TRAINERS if s in stages]  # paper order, whatever order was typed
     classes = [_stage_trainer_class(trainers[s]) for s in ordered]
-    screeners = [c.training_screener(load_json(_plans_file(name))['screener']) for c in classes]
-    steps = [int(screener[c.stage]['num_steps']) for c, screener in zip(classes, screeners)]  # for the ETA
+    planned = ScreenerSettings.from_plans(load_json(_plans_file(name)))
+    settings = [c.training_settings(planned) for c in classes]
+    steps = [s.stage(c.settings_block).num_steps for c, s in zip(classes, settings)]  # for the ETA
     told_where = False
     for k, stage in enumerate(ordered):
-        run = plan_stage_run(stage_folder(name, stage, trainers[stage]), classes[k].stage, screeners[k], continue_)
+        run = plan_stage_run(stage_folder(name, stage, trainers[stage]), classes[k].settings_block,
+                             settings[k].to_dict(), continue_)
         if run.finished:
             print(f'{stage}: finished earlier with these plans ({stage_checkpoint(name, stage, trainers[stage])}), '
                   f'skipping')
@@ -110,7 +113,8 @@ def _check_plans(name: str, preset: str) -> None:
     plans_file = _plans_file(name)
     if not isfile(plans_file):
         raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
-    planned = load_json(plans_file).get('screener', {}).get('preset')
+    plans = load_json(plans_file)
+    planned = ScreenerSettings.from_plans(plans).preset if 'screener' in plans else None
     if preset is not None and preset != planned:
         raise ScreenerInputError(f'{name} was planned with preset {planned!r}, not {preset!r}: re-run '
                                  f'nnScreener_plan_and_preprocess -d {name} --preset {preset}')

@@ -134,7 +134,8 @@ def build_ssl_loss(name: str, d_in: int, **kwargs) -> nn.Module:
     return SSL_LOSSES[name](d_in, **kwargs)
 
 
-def ssl_loss_of_block(ssl: dict, d_in: int) -> nn.Module:
-    """The SSL loss of the plans' `ssl` block (VICReg takes its expander from it; InfoNCE keeps its defaults)."""
-    kwargs = {'expander_dims': ssl['expander_dims']} if ssl['loss'] == 'vicreg' else {}
-    return build_ssl_loss(ssl['loss'], d_in, **kwargs)
+def ssl_loss_of_block(ssl, d_in: int) -> nn.Module:
+    """The SSL loss of the plans' `ssl` block (`SSLSettings`; VICReg takes its expander from it; InfoNCE keeps its
+    defaults)."""
+    kwargs = {'expander_dims': ssl.expander_dims} if ssl.loss == 'vicreg' else {}
+    return build_ssl_loss(ssl.loss, d_in, **kwargs)

@@ -9,7 +9,7 @@ from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 
 class nnScreenerAutoencoderTrainer(nnScreenerStageTrainer):
     """Code channels per bottleneck voxel = the plans' descriptor_dim (Screener's per-voxel feature budget)."""
-    stage = 'density'
+    settings_block = 'density'
 
     def build_objective(self):
-        return AutoencoderObjective(build_autoencoder(self.configuration_manager, self.screener['descriptor_dim']))
+        return AutoencoderObjective(build_autoencoder(self.configuration_manager, self.settings.descriptor_dim))

@@ -11,18 +11,17 @@ import torch.distributed as dist
 from nnscreener.distillation.objective import DistillationObjective
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import nnScreenerStageTrainer, shutdown_loader
-from nnscreener.training.stages import modular_screener
+from nnscreener.training.stages import load_modular_screener
 
 
 CALIBRATION_CROPS = 64  # pretraining crops whose teacher maps set the target's mean and sd
 
 
 class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
-    stage = 'distillation'
+    settings_block = 'distillation'
 
     def build_objective(self):
-        teacher = modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.screener,
-                                   self.device)
+        teacher = load_modular_screener(self.plans_manager.dataset_name, self.configuration_manager, self.device)
         return DistillationObjective(build_plans_unet(self.configuration_manager, 1), teacher)
 
     def initialize(self):
@@ -30,7 +29,7 @@ class nnScreenerDistillationTrainer(nnScreenerStageTrainer):
         self._calibrate_target()  # a resumed run then restores the buffers of its checkpoint instead
 
     def _calibrate_target(self) -> None:
-        batch_size = self.per_rank_batch_size(self.hparams['batch_size'])
+        batch_size = self.per_rank_batch_size(self.stage_settings.batch_size)
         world = dist.get_world_size() if self.is_ddp else 1
         loader = self.build_loader(seed=self.seed - 1 - self.local_rank)  # not the training crops
         batches = [{k: torch.as_tensor(v).to(self.device) for k, v in next(loader).items()}

@@ -9,20 +9,21 @@ from nnscreener.training.stage_trainer import nnScreenerStageTrainer
 
 class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     """f_desc: the plans' UNet with a d_desc-channel full-resolution head, trained with dense VICReg/InfoNCE."""
-    stage = 'ssl'
+    settings_block = 'ssl'
     feature_dim_key = 'descriptor_dim'
 
     def build_objective(self):
-        dim = self.screener[self.feature_dim_key]
+        dim = getattr(self.settings, self.feature_dim_key)
         network = build_plans_unet(self.configuration_manager, dim)
-        return DenseSSLObjective(network, ssl_loss_of_block(self.hparams, dim), self.build_masking())
+        return DenseSSLObjective(network, ssl_loss_of_block(self.stage_settings, dim), self.build_masking())
 
     def build_masking(self):
         return None
 
     def build_loader(self, seed: int, first_batch: int = 0):
-        batch_size = self.per_rank_batch_size(self.hparams['batch_size'])
-        pairs_per_image = self.hparams['positive_pairs'] // self.hparams['batch_size']
+        ssl = self.stage_settings
+        batch_size = self.per_rank_batch_size(ssl.batch_size)
+        pairs_per_image = ssl.positive_pairs // ssl.batch_size
         loader = CropPairLoader(self.screener_cache(), batch_size, self.configuration_manager.patch_size,
                                 pairs_per_image, seed, first_batch)
         return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
@@ -33,4 +34,4 @@ class nnScreenerConditionTrainer(nnScreenerDescriptorTrainer):
     feature_dim_key = 'condition_dim'
 
     def build_masking(self):
-        return BlockMasking(self.hparams['mask_block_size'], self.hparams['mask_ratio'])
+        return BlockMasking(self.stage_settings.mask_block_size, self.stage_settings.mask_ratio)

@@ -25,6 +25,7 @@ from nnunetv2.utilities.helpers import dummy_context, empty_cache
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.preprocessing.screener_cache import ScreenerCache, screener_cache_folder
 from nnscreener.training.data_loaders import RandomCropLoader, multiprocess_loader
 from nnscreener.training.lr_schedule import WarmupDecayLRScheduler
@@ -42,19 +43,19 @@ def training_seed() -> int:
 
 
 class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
-    stage = None  # key of the plans' `screener` block with this stage's hyper-parameters ('ssl', ...)
+    settings_block = None  # the plans' stage block this trainer trains with: 'ssl', 'density' or 'distillation'
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and device.type == 'cpu':  # nnU-Net assumes DDP means CUDA; we also run gloo on CPU
             self.device = device
-        # the plans' own dict, so plans.json and the checkpoint's copy of the plans record what was trained
-        plans = self.plans_manager.plans
-        self.screener = plans['screener'] = self.training_screener(plans['screener'])
-        self.hparams = self.screener[self.stage]
-        self.num_steps = int(self.hparams['num_steps'])
-        self.checkpoint_every = int(self.screener['checkpoint_every'])
+        self.settings = self.training_settings(ScreenerSettings.from_plans(self.plans_manager.plans))
+        # into the plans' own dict, so plans.json and the checkpoint's copy of the plans record what was trained
+        self.plans_manager.plans['screener'] = self.settings.to_dict()
+        self.stage_settings = self.settings.stage(self.settings_block)
+        self.num_steps = self.stage_settings.num_steps
+        self.checkpoint_every = self.settings.checkpoint_every
         self.current_step = 0
         # stages draw different crops and inits; seeds of one stage lie 7919 (a prime) apart
         self.seed = 12345 + 7919 * training_seed() + sum(map(ord, self.__class__.__name__))
@@ -65,9 +66,9 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         self.progress = None  # StageProgress of nnScreener_pretrain: a console bar over all its stages; None: no bar
 
     @classmethod
-    def training_screener(cls, screener: dict) -> dict:
-        """The `screener` block this trainer trains with, made from the plans' block (variants fix some settings)."""
-        return screener
+    def training_settings(cls, settings: ScreenerSettings) -> ScreenerSettings:
+        """The settings this trainer trains with, made from the plans' (variants fix some of them)."""
+        return settings
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def initialize(self):
@@ -87,9 +88,9 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
 
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams['lr'], weight_decay=self.hparams.get('weight_decay', 0))
-        return optimizer, WarmupDecayLRScheduler(optimizer, self.hparams['lr'], self.hparams['warmup_steps'],
-                                                 self.num_steps, decay='cosine')
+        hp = self.stage_settings
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return optimizer, WarmupDecayLRScheduler(optimizer, hp.lr, hp.warmup_steps, self.num_steps, decay='cosine')
 
     def screener_cache(self) -> ScreenerCache:
         return ScreenerCache(screener_cache_folder(self.preprocessed_dataset_folder_base, self.configuration_manager))
@@ -98,7 +99,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         """Infinite iterator of numpy batches (dicts, see nnscreener.training.data_loaders), from batch `first_batch`
         of the sequence `seed` draws; by default patch-size crops of the Screener cache at random body positions,
         the stage's batch size split over ranks."""
-        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.hparams['batch_size']),
+        loader = RandomCropLoader(self.screener_cache(), self.per_rank_batch_size(self.stage_settings.batch_size),
                                   self.configuration_manager.patch_size, seed, first_batch)
         return multiprocess_loader(loader, pin_memory=self.device.type == 'cuda')
 
@@ -154,7 +155,7 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
         with self.autocast():
             loss, logs = self.trained(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.hparams.get('grad_clip', 1.0))
+        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.stage_settings.grad_clip)
         self.optimizer.step()
         return {'loss': loss.item(), **{k: float(v) for k, v in logs.items()}}
 
@@ -199,14 +200,14 @@ class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
             'trainer_name': self.__class__.__name__,
             'inference_allowed_mirroring_axes': None,
             'screener': {
-                'stage': self.stage,
+                'stage': self.settings_block,
                 'run_id': self.run_id,
                 'step': self.current_step,
                 'objective_weights': _uncompiled_state_dict(self.objective),
                 'history': self.history.state_dict(),
                 'rng': {'torch': torch.get_rng_state(), 'numpy': _numpy_rng_state(), 'python': random.getstate(),
                         'cuda': torch.cuda.get_rng_state_all() if self.device.type == 'cuda' else None},
-                'plans_screener': self.screener,
+                'plans_screener': self.settings.to_dict(),
             },
         }
         with atomic_path(filename) as tmp:

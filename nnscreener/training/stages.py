@@ -7,11 +7,11 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnscreener.baselines.intensity import ConditionalHistogramDensity, IntensityDescriptor
 from nnscreener.density.factory import build_density_model
 from nnscreener.density.conditions import LeaveOutConditions
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
 
@@ -21,7 +21,6 @@ STAGE_TRAINERS = {
     'density': 'nnScreenerDensityTrainer',
     'distillation': 'nnScreenerDistillationTrainer',
 }
-HISTOGRAM_MODEL = 'conditional_histogram'  # the intensity baseline's density (nnscreener.baselines.intensity)
 PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to validate against
 
 
@@ -31,7 +30,8 @@ def screener_dataset(dataset_name: str) -> str:
     plans_file = join(os.environ.get('nnUNet_preprocessed', ''), dataset_name, SCREENER_PLANS_NAME + '.json')
     if not os.environ.get('nnUNet_preprocessed') or not isfile(plans_file):
         return dataset_name
-    return load_json(plans_file).get('screener', {}).get(SCREENER_FROM, dataset_name)
+    plans = load_json(plans_file)
+    return (ScreenerSettings.from_plans(plans).screener_from if 'screener' in plans else None) or dataset_name
 
 
 def stage_folder(dataset_name: str, stage: str, trainer: str = None) -> str:
@@ -62,54 +62,40 @@ def load_frozen_unet(dataset_name: str, stage: str, configuration_manager: Confi
     return freeze(network.to(device))
 
 
-def density_from_block(screener: dict, condition_kind: str) -> nn.Module:
-    d_c = screener['condition_dim'] if condition_kind != 'none' else 0
-    name = screener['density']['model']
-    if name == HISTOGRAM_MODEL:
-        return ConditionalHistogramDensity(d_c)
-    if condition_kind == 'none':
+def density_from_block(settings: ScreenerSettings) -> nn.Module:
+    """The (untrained) density model of the settings' density block, for its conditions."""
+    kind, name = settings.density.condition, settings.density.model
+    d_c = settings.condition_dim if kind != 'none' else 0
+    if kind == 'none':
         name = name.replace('conditional_', '')
-    return build_density_model(name, screener['descriptor_dim'], d_c)
+    return build_density_model(name, settings.descriptor_dim, d_c)
 
 
-def modular_screener(dataset_name: str, configuration_manager: ConfigurationManager, screener: dict,
-                     device: torch.device, density: nn.Module = None, density_trainer: str = None) -> ModularScreener:
-    """Frozen descriptor (+ condition) of the finished SSL stages with `density`, or by default the trained density
-    model of `density_trainer` (default nnScreenerDensityTrainer) with the model and conditions it was trained with.
-    A screener block with `descriptor: intensity` (the intensity baseline) uses the HU input as its descriptor.
-    """
-    if density is None:
-        checkpoint, state = load_stage_network(stage_checkpoint(dataset_name, 'density', density_trainer), device)
-        screener = state['plans_screener']
-    kind = screener['density']['condition']
-    intensity = screener.get('descriptor') == 'intensity'
-    descriptor = IntensityDescriptor() if intensity else \
-        load_frozen_unet(dataset_name, 'descriptor', configuration_manager, screener['descriptor_dim'], device)
+def load_modular_screener(dataset_name: str, configuration_manager: ConfigurationManager, device: torch.device,
+                          density_trainer: str = None) -> ModularScreener:
+    """The trained modular Screener: the density model of `density_trainer` (default nnScreenerDensityTrainer) with
+    the descriptor, conditions and settings it was trained with (the screener block its checkpoint holds)."""
+    checkpoint, state = load_stage_network(stage_checkpoint(dataset_name, 'density', density_trainer), device)
+    settings = ScreenerSettings.from_dict(state['plans_screener'])
+    density = density_from_block(settings)
+    density.load_state_dict(checkpoint['network_weights'])
+    return assemble_modular_screener(dataset_name, configuration_manager, settings, freeze(density), device)
+
+
+def assemble_modular_screener(dataset_name: str, configuration_manager: ConfigurationManager,
+                              settings: ScreenerSettings, density: nn.Module, device: torch.device) -> ModularScreener:
+    """`density` on the frozen descriptor (+ condition) of the finished SSL stages, with the conditions of
+    `settings` (the density trainer's, whose density model is still to be trained)."""
+    block = settings.density
+    descriptor = load_frozen_unet(dataset_name, 'descriptor', configuration_manager, settings.descriptor_dim, device)
     condition = None
-    if kind == 'learned':
-        condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, screener['condition_dim'], device)
-        cell = condition_leave_out_cell(screener)
-        if cell is not None:
-            condition = LeaveOutConditions(condition, condition_mask_token(dataset_name, device), cell)
-    if density is None:
-        density = density_from_block(screener, kind)
-        density.load_state_dict(checkpoint['network_weights'])
-        density = freeze(density)
-    return ModularScreener(descriptor, density.to(device), kind, condition, screener['condition_dim'],
-                           screener['density']['pool_stride'], 'stock' if intensity else 'clahe',
-                           condition_median_window(screener)).to(device)
-
-
-def condition_median_window(screener: dict) -> int:
-    """The median window of the learned conditions (density voxels); plans from before it existed: 1 (none)."""
-    return int(screener['density'].get('condition_median', 1))
-
-
-def condition_leave_out_cell(screener: dict):
-    """The leave-out cell of the learned conditions (`LeaveOutConditions`), or None: the paper's conditions of the
-    unmasked input (plans from before the option have no key)."""
-    cell = screener['density'].get('condition_leave_out')
-    return tuple(cell) if cell else None
+    if block.condition == 'learned':
+        condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, settings.condition_dim, device)
+        if block.condition_leave_out is not None:
+            condition = LeaveOutConditions(condition, condition_mask_token(dataset_name, device),
+                                           block.condition_leave_out)
+    return ModularScreener(descriptor, density.to(device), block.condition, condition, settings.condition_dim,
+                           block.pool_stride, block.condition_median).to(device)
 
 
 def condition_mask_token(dataset_name: str, device: torch.device) -> float:
