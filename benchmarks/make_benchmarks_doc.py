@@ -286,6 +286,8 @@ def main():
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', lambda r: phantom_section(r, headline=True)),
                           ('phantom_quality_cpu_median5.json', phantom_section),
+                          ('phantom_quality_cpu_ab_paper.json', phantom_section),
+                          ('phantom_quality_cpu_leaveout2.json', phantom_section),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
