@@ -4,6 +4,7 @@ Used as the density stage's feature extractor (frozen nets), as the distillation
 `DensityAnomalyModel` is what it shares with the intensity baseline (nnscreener/baselines/intensity.py): a map
 -log q(y | c) of pooled features, trained by the density objective and served by `DensityPatchModel`.
 """
+from abc import ABCMeta, abstractmethod
 from typing import Optional, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from nnscreener.density.pooling import add_noise, pool_and_noise
 CONDITION_KINDS = ('learned', 'none', 'sincos')
 
 
-class DensityAnomalyModel(nn.Module):
+class DensityAnomalyModel(nn.Module, metaclass=ABCMeta):
     """A voxel-wise density model on pooled features of one input channel; a subclass gives `features`, `density`
     and `pool_stride`."""
     reads_clahe = True  # the input channel the model reads: CLAHE, or the stock nnU-Net input
@@ -25,9 +26,9 @@ class DensityAnomalyModel(nn.Module):
         """The input channel the model reads; the objectives and inference call the model on it."""
         return clahe if self.reads_clahe else stock
 
+    @abstractmethod
     def features(self, x: torch.Tensor, crop_start: Optional[torch.Tensor] = None, noise_sd: float = 0.0):
         """Pooled features y and conditions c (or None) of input crops x (B, 1, *patch)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, crop_start: Optional[torch.Tensor] = None,
                 upsample: bool = False) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The distillation stage's objective (pure torch; nnScreenerDistillationTrainer builds the student and the teacher,
-calibrates the target and feeds batches of Screener-cache crops), and the distilled student as inference's patch model."""
+calibrates the target and feeds batches of Screener-cache crops), and the distilled student as inference's patch
+model."""
 import torch
 import torch.distributed as dist
 from torch import nn

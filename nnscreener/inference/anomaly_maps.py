@@ -81,7 +81,8 @@ def preprocess_ct_image(image: sitk.Image, plans_manager: PlansManager, configur
     data, _, properties = preprocessor.run_case_npy(sitk.GetArrayViewFromImage(image)[None], None, properties,
                                                     plans_manager, configuration_manager, dataset_json)
     stock = data[0].astype(np.float32, copy=False)
-    view = screener_view(stock, configuration_manager, ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit, with_clahe)
+    clip_limit = ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit
+    view = screener_view(stock, configuration_manager, clip_limit, with_clahe)
     return stock, view, properties
 
 

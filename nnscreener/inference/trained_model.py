@@ -53,10 +53,10 @@ def load_trained_model(name: str, kind: str, device: torch.device, density_train
         return _local_contrast_model(name)
     stage, trainer = MODEL_FOLDERS[kind]
     trainer = density_trainer if kind == 'modular' else trainer
-    folder = stage_folder(name, stage, trainer)
-    plans_file = join(os.path.dirname(folder), 'plans.json')
+    folder = os.path.dirname(stage_folder(name, stage, trainer))  # the trainer folder: plans.json, dataset.json
+    plans_file = join(folder, 'plans.json')
     if not isfile(plans_file):
-        raise ScreenerInputError(f'no trained {kind} model for {name} in {os.path.dirname(folder)}: run '
+        raise ScreenerInputError(f'no trained {kind} model for {name} in {folder}: run '
                                  f'nnScreener_pretrain -d {screener_dataset(name)}'
                                  + (' --stages density --density_trainer ' + trainer if trainer else ''))
     plans_manager = PlansManager(load_json(plans_file))
@@ -67,8 +67,8 @@ def load_trained_model(name: str, kind: str, device: torch.device, density_train
                                  f're-run nnScreener_pretrain with these plans')
     stages = (('descriptor', None), ('condition', None), (stage, trainer)) if kind == 'modular' else ((stage, trainer),)
     checkpoints = [f for f in (stage_checkpoint(name, s, t) for s, t in stages) if isfile(f)]
-    return TrainedModel(patch_model, plans_manager, load_json(join(os.path.dirname(folder), 'dataset.json')),
-                        _identity(name, kind, density_trainer, plans_file, checkpoints))
+    return TrainedModel(patch_model, plans_manager, load_json(join(folder, 'dataset.json')),
+                        _identity(name, kind, density_trainer, plans_file, plans_manager, checkpoints))
 
 
 def _patch_model(name: str, kind: str, trainer: str, plans_manager: PlansManager, device: torch.device):
@@ -92,12 +92,13 @@ def _patch_model(name: str, kind: str, trainer: str, plans_manager: PlansManager
     return AutoencoderPatchModel(autoencoder, settings.density.pool_stride, patch, device)
 
 
-def _identity(name: str, kind: str, density_trainer: str, plans_file: str, checkpoints) -> dict:
+def _identity(name: str, kind: str, density_trainer: str, plans_file: str, plans_manager: PlansManager,
+              checkpoints) -> dict:
     """Dataset, kind, density trainer, the plans (identifier, preset, sha256 of the plans file used) and the sha256 of
     every checkpoint the model is built from (for the modular model those of the descriptor, condition and density
     stages present)."""
     return {'dataset': name, 'model': kind, 'density_trainer': density_trainer, 'plans': SCREENER_PLANS_NAME,
-            'preset': ScreenerSettings.from_plans(load_json(plans_file)).preset, 'plans_sha256': file_sha256(plans_file),
+            'preset': ScreenerSettings.from_plans(plans_manager.plans).preset, 'plans_sha256': file_sha256(plans_file),
             'checkpoints': {os.path.relpath(f, os.environ['nnUNet_results']): file_sha256(f) for f in checkpoints}}
 
 
@@ -109,4 +110,4 @@ def _local_contrast_model(name: str) -> TrainedModel:
     plans_manager = PlansManager(load_json(plans_file))
     model = LocalContrastPatchModel(plans_manager.get_configuration(CONFIGURATION).patch_size)
     return TrainedModel(model, plans_manager, load_json(join(preprocessed_dataset_folder(name), 'dataset.json')),
-                        _identity(name, LOCAL_CONTRAST, None, plans_file, []))
+                        _identity(name, LOCAL_CONTRAST, None, plans_file, plans_manager, []))

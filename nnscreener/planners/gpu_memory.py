@@ -97,10 +97,11 @@ def fit_to_gpu_memory(settings: dict, unet: str, target_gb: float, num_labels: i
     for stage, per_crop in (('density', crop['ssl']), ('distillation', crop['distillation'])):
         fitted = fitted.with_stage(stage, batch_size=_largest(typed.stage(stage).batch_size,
                                                               lambda b: b * per_crop <= budget))
-    fitted = dataclasses.replace(fitted, finetune_batch_size=max(MIN_FINETUNE_BATCH, round(budget / crop['finetune'])),
-                                 gpu_memory={'target_gb': target_gb, 'calibration': unet_spec(unet).planner,
-                                             'gb_per_crop': {name: round(value / GIB, 6) for name, value in crop.items()},
-                                             'ssl_step_gb': round(ssl_step(m) / GIB, 6)})
+    record = {'target_gb': target_gb, 'calibration': unet_spec(unet).planner,
+              'gb_per_crop': {name: round(value / GIB, 6) for name, value in crop.items()},
+              'ssl_step_gb': round(ssl_step(m) / GIB, 6)}
+    fitted = dataclasses.replace(fitted, gpu_memory=record,
+                                 finetune_batch_size=max(MIN_FINETUNE_BATCH, round(budget / crop['finetune'])))
     return fitted.to_dict()
 
 

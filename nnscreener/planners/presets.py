@@ -123,9 +123,9 @@ PRESETS['cpu_wide'] = _cpu_wide_preset()
 PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
-# "<preset>:steps=N,clahe=X,median=K": a preset with every stage trained N steps, another CLAHE clip limit and/or
-# another condition median window, for the quality-vs-compute, CLAHE and condition measurements (benchmarks/quality);
-# the plans record the full name
+# "<preset>:steps=N,clahe=X,median=K,leaveout=L": a preset with every stage trained N steps, another CLAHE clip limit,
+# another condition median window and/or leave-out conditions, for the quality-vs-compute, CLAHE and condition
+# measurements (benchmarks/quality); the plans record the full name
 PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int}
 
 

@@ -69,7 +69,8 @@ def preprocess_screener_case(image_files: List[str], plans_manager: PlansManager
     """Stock nnU-Net preprocessing of one CT, body crop, CLAHE -> ((3, z, y, x) float16 [stock, CLAHE, body], bbox)."""
     data, _, _ = DefaultPreprocessor(verbose=False).run_case(image_files, None, plans_manager, configuration_manager,
                                                              dataset_json)
-    view = screener_view(data[0], configuration_manager, ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit)
+    clip_limit = ScreenerSettings.from_plans(plans_manager.plans).clahe_clip_limit
+    view = screener_view(data[0], configuration_manager, clip_limit)
     return np.stack([data[0][view.slicer], view.clahe, view.body]).astype(np.float16), view.bbox
 
 

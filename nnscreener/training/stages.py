@@ -56,10 +56,16 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def load_frozen_unet(dataset_name: str, stage: str, configuration_manager: ConfigurationManager, output_channels: int,
                      device: torch.device) -> nn.Module:
-    checkpoint, _ = load_stage_network(stage_checkpoint(dataset_name, stage), device)
+    return _frozen_unet_and_state(dataset_name, stage, configuration_manager, output_channels, device)[0]
+
+
+def _frozen_unet_and_state(dataset_name: str, stage: str, configuration_manager: ConfigurationManager,
+                           output_channels: int, device: torch.device):
+    """The frozen UNet of a finished stage and the screener state of its checkpoint, from one read of the file."""
+    checkpoint, state = load_stage_network(stage_checkpoint(dataset_name, stage), device)
     network = build_plans_unet(configuration_manager, output_channels)
     network.load_state_dict(checkpoint['network_weights'])
-    return freeze(network.to(device))
+    return freeze(network.to(device)), state
 
 
 def density_from_block(settings: ScreenerSettings) -> nn.Module:
@@ -90,15 +96,11 @@ def assemble_modular_screener(dataset_name: str, configuration_manager: Configur
     descriptor = load_frozen_unet(dataset_name, 'descriptor', configuration_manager, settings.descriptor_dim, device)
     condition = None
     if block.condition == 'learned':
-        condition = load_frozen_unet(dataset_name, 'condition', configuration_manager, settings.condition_dim, device)
-        if block.condition_leave_out is not None:
-            condition = LeaveOutConditions(condition, condition_mask_token(dataset_name, device),
+        condition, state = _frozen_unet_and_state(dataset_name, 'condition', configuration_manager,
+                                                  settings.condition_dim, device)
+        if block.condition_leave_out is not None:  # with the mask token the condition model was trained with
+            condition = LeaveOutConditions(condition, float(state['objective_weights']['masking.mask_token']),
                                            block.condition_leave_out)
     return ModularScreener(descriptor, density.to(device), block.condition, condition, settings.condition_dim,
                            block.pool_stride, block.condition_median).to(device)
 
-
-def condition_mask_token(dataset_name: str, device: torch.device) -> float:
-    """The mask token the condition model was trained with (saved with its SSL objective)."""
-    _, state = load_stage_network(stage_checkpoint(dataset_name, 'condition'), device)
-    return float(state['objective_weights']['masking.mask_token'])
