@@ -246,9 +246,10 @@ def lowshot_section(result: dict) -> list:
     runs = list(result['loss_curves'].values()) + list(result.get('full_data', {}).get('loss_curves', {}).values())
     train_min, val_min = ([r[k] / 60 for r in runs] for k in ('training_s', 'validation_s'))
     lines = ['### Low-shot fine-tuning, paper Table 2 (`lowshot.json`)', '',
-             f"{result['folds']} folds over the {result['n_cases']} labeled phantoms (validation folds partition them; "
-             f"folds {', '.join(map(str, result['folds_done']))} trained), {result['n_train']} training cases per "
-             f"fold; stock `nnUNetv2_train` for both trainers "
+             f"{result['folds']} folds over {result['n_cases']} labeled phantoms of their own (phantom seed "
+             f"{result['seeds'].get('labeled_phantoms', 0)}, none of them a pretraining or test phantom of the quality "
+             f"benchmark; validation folds partition them; folds {', '.join(map(str, result['folds_done']))} trained), "
+             f"{result['n_train']} training cases per fold; stock `nnUNetv2_train` for both trainers "
              f"(`{'` / `'.join(sched['trainer_pair'])}`: {sched['epochs']} epochs x {sched['iterations_per_epoch']} "
              f"iterations of {sched['batch_size']} patches ({sched['random_patches_per_batch']} random, the others around a "
              f"lesion), lr {sched['initial_lr']} after {sched['warmup_epochs']} warm-up epochs, no mirroring); "

@@ -4,13 +4,15 @@
         --results_json ../results/lowshot.json \
         --plot ../../documentation/images/lowshot_loss.png
 
-Runs on the world of phantom_benchmark.py (same --work; run that first, at least seed 0, for the distilled UNet),
-which it only reads: each arm ('lowshot', and with --control 'full_data') gets its own nnUNet_preprocessed (the
-world's plans and files linked, its own splits_final.json) and nnUNet_results under --lowshot_work. k folds whose
-validation parts partition the labeled phantoms, each training on n labeled cases only (full data: every case outside
-the fold), stock `nnUNetv2_train` for both trainers with one schedule, then `nnScreener_compare`'s API (per-case
-Dice, relative change, paired Wilcoxon) per fold and pooled. Also measures how far fine-tuning moves the distilled
-weights and keeps both trainers' loss curves. Re-running resumes finished folds.
+Fine-tunes the seed-0 distilled UNet of phantom_benchmark.py (same --work; run that first, at least seed 0), whose
+world it only reads. The labeled cases are phantoms of their own (Dataset502, phantom seed 1: none of them is a
+pretraining or test phantom of the world), planned with `--screener_from` the world's target so that their plans build
+the distilled UNet, under --lowshot_work. Each arm ('lowshot', and with --control 'full_data') gets its own
+nnUNet_preprocessed (the labeled dataset's plans and files linked, its own splits_final.json) and nnUNet_results. k
+folds whose validation parts partition the labeled phantoms, each training on n labeled cases only (full data: every
+case outside the fold), stock `nnUNetv2_train` for both trainers with one schedule, then `nnScreener_compare`'s API
+(per-case Dice, relative change, paired Wilcoxon) per fold and pooled. Also measures how far fine-tuning moves the
+distilled weights and keeps both trainers' loss curves. Re-running resumes finished folds.
 """
 import argparse
 import os
@@ -26,38 +28,59 @@ from nnscreener.evaluation.compare import compare_trainers, paired_dice_test
 from nnscreener.evaluation.evaluate import json_ready
 from nnscreener.finetuning.lowshot_splits import dataset_case_ids, write_lowshot_splits
 from nnscreener.finetuning.nnunet_train import nnunet_train
+from nnscreener.phantoms.make_phantoms import dataset_folder_name, make_phantom_datasets
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.training.stages import stage_checkpoint
 from nnscreener.trainers import nnscreener_finetune_trainers
 from nnscreener.utilities.io import atomic_path, atomic_save_json
 from world import TARGET, TARGET_NAME, machine, use_work_folder
 
 LESION_LABEL = '1'
+LABELED, LABELED_PHANTOM_SEED = 502, 1  # the world's phantoms are seed 0
+LABELED_NAME = dataset_folder_name(LABELED, 'target')
 ARM_KEYS = {'scratch': 'nnScreenerFromScratchTrainer', 'screener': 'nnScreenerFinetuneTrainer'}
 
 
-def arm_environment(world_preprocessed: str, root: str) -> None:
-    """Points nnU-Net at root/nnUNet_preprocessed (the world's plans and data linked, nnU-Net only reads them; so
-    this arm's splits_final.json leaves the world untouched) and root/nnUNet_results."""
-    source, target = join(world_preprocessed, TARGET_NAME), join(root, 'nnUNet_preprocessed', TARGET_NAME)
+def make_labeled_dataset(world_preprocessed: str, root: str, n_cases: int, num_processes: int) -> str:
+    """The labeled phantoms in root/nnUNet_raw, planned and preprocessed in root/nnUNet_preprocessed with the Screener
+    of the world's target (linked there, only read); returns their preprocessed folder. Resumes."""
+    for k in ('nnUNet_raw', 'nnUNet_preprocessed'):
+        os.environ[k] = join(root, k)
+        os.makedirs(os.environ[k], exist_ok=True)
+    source = join(os.environ['nnUNet_preprocessed'], TARGET_NAME)
+    if not os.path.lexists(source):
+        os.symlink(join(world_preprocessed, TARGET_NAME), source)
+    labels = join(os.environ['nnUNet_raw'], LABELED_NAME, 'labelsTr')
+    if not isdir(labels) or len(os.listdir(labels)) != n_cases:  # another --n_labeled: generated anew
+        make_phantom_datasets(LABELED, None, n_cases, preset='tiny', seed=LABELED_PHANTOM_SEED,
+                              num_processes=num_processes)
+    plan_and_preprocess(LABELED, screener_from=TARGET, num_processes=num_processes, continue_=True)
+    return join(os.environ['nnUNet_preprocessed'], LABELED_NAME)
+
+
+def arm_environment(labeled_preprocessed: str, root: str) -> None:
+    """Points nnU-Net at root/nnUNet_preprocessed (the labeled dataset's plans and data linked, nnU-Net only reads
+    them; so this arm's splits_final.json leaves the others untouched) and root/nnUNet_results."""
+    target = join(root, 'nnUNet_preprocessed', LABELED_NAME)
     os.makedirs(target, exist_ok=True)
-    for name in os.listdir(source):
+    for name in os.listdir(labeled_preprocessed):
         if name != 'splits_final.json' and not os.path.lexists(join(target, name)):
-            os.symlink(join(source, name), join(target, name))
+            os.symlink(join(labeled_preprocessed, name), join(target, name))
     os.environ['nnUNet_preprocessed'] = join(root, 'nnUNet_preprocessed')
     os.environ['nnUNet_results'] = join(root, 'nnUNet_results')
     os.makedirs(os.environ['nnUNet_results'], exist_ok=True)
 
 
 def trainer_folder(trainer: str, fold: int) -> str:
-    return join(os.environ['nnUNet_results'], TARGET_NAME, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
+    return join(os.environ['nnUNet_results'], LABELED_NAME, f'{trainer}__{SCREENER_PLANS_NAME}__{CONFIGURATION}',
                 f'fold_{fold}')
 
 
 def train_one(fold: int, trainer: str, weights, device: str, num_processes: int) -> float:
     """One stock nnUNetv2_train, its output in a log beside the results; returns its wall time (s)."""
     t0 = time.time()
-    nnunet_train(TARGET, fold, trainer, weights, device, num_processes,
+    nnunet_train(LABELED, fold, trainer, weights, device, num_processes,
                  log_file=join(os.environ['nnUNet_results'], f'{trainer}_fold{fold}.log'))
     return time.time() - t0
 
@@ -162,12 +185,12 @@ def save_loss_plot(curves: dict, fname: str) -> None:
 
 def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timings: dict) -> dict:
     """Trains (resuming) and compares one arm; returns its table rows, weight changes and loss curves."""
-    arm_environment(args.world_preprocessed, join(args.lowshot_work, arm))
-    write_lowshot_splits(TARGET, n_train, args.folds, seed=0, overwrite=True)
+    arm_environment(args.labeled_preprocessed, join(args.lowshot_work, arm))
+    write_lowshot_splits(LABELED, n_train, args.folds, seed=0, overwrite=True)
     folds = list(range(args.control_folds if arm == 'full_data' else args.run_folds or args.folds))
     for fold in folds:
         train_fold(fold, trainers, distilled, args, timings)
-    comparison = compare_trainers(TARGET, trainers['scratch'], trainers['screener'], SCREENER_PLANS_NAME,
+    comparison = compare_trainers(LABELED, trainers['scratch'], trainers['screener'], SCREENER_PLANS_NAME,
                                   tuple(folds), output_folder=join(args.lowshot_work, arm, 'comparison'),
                                   verbose=False)
     final = {a: join(trainer_folder(t, 0), 'checkpoint_final.pth') for a, t in trainers.items()}
@@ -193,6 +216,8 @@ def main():
     parser.add_argument('--lowshot_work', default=None, help='folder for the trainings (default <work>_lowshot)')
     parser.add_argument('--results_json', default=None, help='summary JSON (default <lowshot_work>/lowshot.json)')
     parser.add_argument('--plot', default=None, help='loss-curve PNG (default <lowshot_work>/lowshot_loss.png)')
+    parser.add_argument('--n_labeled', type=int, default=100, help='labeled phantoms (the full-data control trains '
+                                                                  'on those outside the validation fold)')
     parser.add_argument('--n_train', type=int, default=25, help='labeled training cases per fold')
     parser.add_argument('--folds', type=int, default=3)
     parser.add_argument('--run_folds', type=int, default=None,
@@ -202,10 +227,11 @@ def main():
     parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuLowshot',
-                        help='trainer suffix: cpuLowshot (20 x 40 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuLowshot (50 x 40 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
-    parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training')
+    parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training (and processes for '
+                                                         'the labeled phantoms)')
     args = parser.parse_args()
     args.lowshot_work = os.path.abspath(args.lowshot_work or args.work.rstrip('/') + '_lowshot')
     suffix = f'_{args.schedule}' if args.schedule else ''
@@ -218,7 +244,9 @@ def main():
     distilled = stage_checkpoint(TARGET_NAME, 'distillation')
     if not isfile(distilled):
         raise SystemExit(f'{distilled} missing: run phantom_benchmark.py --seeds {args.pretrain_seed} first')
-    n_cases = len(dataset_case_ids(TARGET))
+    args.labeled_preprocessed = make_labeled_dataset(args.world_preprocessed, args.lowshot_work, args.n_labeled,
+                                                     args.np)
+    n_cases = len(dataset_case_ids(LABELED))
     timings = {}
     result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases}
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
@@ -232,7 +260,8 @@ def main():
                                'folds_done': full['folds_done'], 'weight_change_fold0': full['weight_change_fold0'],
                                'loss_curves': full['loss_curves']}
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
-    result.update(machine(), seeds={'phantoms': 0, 'splits': 0, 'pretraining': args.pretrain_seed},
+    result.update(machine(), seeds={'phantoms': 0, 'labeled_phantoms': LABELED_PHANTOM_SEED, 'splits': 0,
+                                    'pretraining': args.pretrain_seed},
                   schedule=schedule(trainers['scratch']), distilled_checkpoint=distilled,
                   timings_s_this_run=timings)
     out = args.results_json or join(args.lowshot_work, 'lowshot.json')
