@@ -45,9 +45,7 @@ ARM_KEYS = {'scratch': 'nnScreenerFromScratchTrainer', 'screener': 'nnScreenerFi
 def make_labeled_dataset(world_preprocessed: str, root: str, n_cases: int, num_processes: int) -> str:
     """The labeled phantoms in root/nnUNet_raw, planned and preprocessed in root/nnUNet_preprocessed with the Screener
     of the world's target (linked there, only read); returns their preprocessed folder. Resumes."""
-    for k in ('nnUNet_raw', 'nnUNet_preprocessed'):
-        os.environ[k] = join(root, k)
-        os.makedirs(os.environ[k], exist_ok=True)
+    use_work_folder(root)
     source = join(os.environ['nnUNet_preprocessed'], TARGET_NAME)
     if not os.path.lexists(source):
         os.symlink(join(world_preprocessed, TARGET_NAME), source)

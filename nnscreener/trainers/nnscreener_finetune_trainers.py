@@ -92,8 +92,8 @@ class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny)
     (documentation/benchmarks.md): 50 epochs x 40 steps of 4 patches, half of them around a lesion, nnU-Net's lr 1e-2
     after 2 warm-up epochs, no mirroring (as _tiny). 800 steps of 3 patches (2 around lesions) had not left the
     all-background solution, and lesion patches only never showed most of the body (lesions predicted in ~20000
-    voxels per case); the random half teaches the background. The Finetune twin differs only in its initialisation
-    (`-pretrained_weights`)."""
+    voxels per case). Measured on fold 0 (2026-12-02) it is still too short: both arms over-segment whole cases
+    (Dice 0.015). The Finetune twin differs only in its initialisation (`-pretrained_weights`)."""
     EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS = 50, 2, 40, 4
     BATCH, FOREGROUND_PATCHES = 4, 0.5  # nnU-Net's loader: round(4 * (1 - 0.5)) = 2 random patches, 2 around lesions
 
