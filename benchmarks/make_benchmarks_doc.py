@@ -241,6 +241,16 @@ def lowshot_rows(block: dict, title: str) -> list:
     return lines + [row('**pooled**', block), '']
 
 
+def labeled_phantoms_text(result: dict) -> str:
+    lesions = result.get('labeled_phantoms')
+    if not lesions:  # results from before the labeled set had lesions of its own size
+        return ''
+    sizes = ', '.join(f'{name} {lo}-{hi}' for name, (lo, hi) in lesions['lesion_diameter_mm'].items())
+    low, high = lesions['lesions_per_case']
+    return (f"preset `{lesions['preset']}`: {low}-{high} lesions per case, diameters in mm {sizes}, median "
+            f"{lesions['median_lesion_voxels_per_case']:.0f} lesion voxels per case; ")
+
+
 def lowshot_section(result: dict) -> list:
     sched = result['schedule']
     runs = list(result['loss_curves'].values()) + list(result.get('full_data', {}).get('loss_curves', {}).values())
@@ -248,7 +258,8 @@ def lowshot_section(result: dict) -> list:
     lines = ['### Low-shot fine-tuning, paper Table 2 (`lowshot.json`)', '',
              f"{result['folds']} folds over {result['n_cases']} labeled phantoms of their own (phantom seed "
              f"{result['seeds'].get('labeled_phantoms', 0)}, none of them a pretraining or test phantom of the quality "
-             f"benchmark; validation folds partition them; folds {', '.join(map(str, result['folds_done']))} trained), "
+             f"benchmark; {labeled_phantoms_text(result)}validation folds partition them; folds "
+             f"{', '.join(map(str, result['folds_done']))} trained), "
              f"{result['n_train']} training cases per fold; stock `nnUNetv2_train` for both trainers "
              f"(`{'` / `'.join(sched['trainer_pair'])}`: {sched['epochs']} epochs x {sched['iterations_per_epoch']} "
              f"iterations of {sched['batch_size']} patches ({sched['random_patches_per_batch']} random, the others around a "

@@ -31,6 +31,7 @@ from nnscreener.evaluation.evaluate import json_ready
 from nnscreener.finetuning.lowshot_splits import dataset_case_ids, write_lowshot_splits
 from nnscreener.finetuning.nnunet_train import nnunet_train
 from nnscreener.phantoms.generator import PRESETS
+from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import dataset_folder_name, make_phantom_datasets
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
@@ -208,6 +209,15 @@ def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timing
                             for a, t in trainers.items() for f in folds}}
 
 
+def labeled_phantoms_record() -> dict:
+    """The labeled set's lesions: per case, per lesion type (diameters in mm) and the median lesion voxels per case."""
+    dataset = load_json(join(os.environ['nnUNet_raw'], LABELED_NAME, 'dataset.json'))
+    per_case = [sum(counts.values()) for counts in dataset['nnscreener_lesion_voxels'].values()]
+    return {'preset': LABELED_PHANTOMS.name, 'lesions_per_case': list(LABELED_PHANTOMS.lesions_per_case),
+            'lesion_diameter_mm': {LESION_TYPES[c]: list(d) for c, d in LABELED_PHANTOMS.lesion_diameter.items()},
+            'median_lesion_voxels_per_case': float(np.median(per_case))}
+
+
 def schedule(trainer: str) -> dict:
     cls = getattr(nnscreener_finetune_trainers, trainer)
     return {'trainer_pair': list(ARM_KEYS[a] + trainer[len('nnScreenerFromScratchTrainer'):] for a in ARM_KEYS),
@@ -235,7 +245,7 @@ def main():
     parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuLowshot',
-                        help='trainer suffix: cpuLowshot (50 x 40 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuLowshot (60 x 50 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
     parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training (and processes for '
@@ -270,6 +280,7 @@ def main():
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
     result.update(machine(), seeds={'phantoms': 0, 'labeled_phantoms': LABELED_PHANTOM_SEED, 'splits': 0,
                                     'pretraining': args.pretrain_seed},
+                  labeled_phantoms=labeled_phantoms_record(),
                   schedule=schedule(trainers['scratch']), distilled_checkpoint=distilled,
                   timings_s_this_run=timings)
     out = args.results_json or join(args.lowshot_work, 'lowshot.json')
