@@ -172,7 +172,7 @@ def test_compare_refuses_mismatched_cases_and_missing_summary(nnunet_env, monkey
 
 
 def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_world):
-    """The benchmark's two arms: nnUNetv2_train finds both, they build with one schedule (4 patches per step, 2 of
+    """The benchmark's two arms: nnUNetv2_train finds both, they build with one schedule (4 patches per step, 1 of
     them around a lesion), and the Finetune one adds nothing but the name (the distilled weights come in through
     stock -pretrained_weights)."""
     import torch
@@ -192,12 +192,12 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     schedule = ('num_epochs', 'warmup_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch',
                 'initial_lr', 'weight_decay', 'oversample_foreground_percent', 'inference_allowed_mirroring_axes')
     assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
-    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 3000
+    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 5000
     # the schedule's batch reaches nnU-Net (which reads it in initialize), and its loader draws round(batch * (1 - p))
-    # random patches per batch, the rest around foreground: two of each
+    # random patches per batch, the rest around foreground: three and one
     batch = scratch.configuration_manager.batch_size
     assert batch == finetune.configuration_manager.batch_size == 4
-    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 2
+    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 3
 
 
 def test_demo_shows_the_paired_test_only_where_training_from_scratch_learned(nnunet_env, capsys):

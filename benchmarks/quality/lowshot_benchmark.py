@@ -245,7 +245,7 @@ def main():
     parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuLowshot',
-                        help='trainer suffix: cpuLowshot (60 x 50 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuLowshot (100 x 50 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
     parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training (and processes for '
