@@ -95,7 +95,8 @@ class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny)
     background around a lesion, so more random patches. Measured (folds 0 and 1): from scratch 0.167 and 0.097, still
     over-segmenting; fine-tuned 0.000 (never left all-background) and 0.093. The benchmark trains its two arms side
     by side on 2 cores, and `nnUNetv2_train -device cpu` gives each `cpu_count()` threads: measured 0.29 s per step
-    of this network against 0.12 s with one thread. The Finetune twin differs only in its initialisation (`-pretrained_weights`)."""
+    of this network against 0.12 s with one thread. The Finetune twin differs only in its initialisation
+    (`-pretrained_weights`)."""
     EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS = 100, 2, 50, 4
     BATCH, FOREGROUND_PATCHES = 4, 0.25  # nnU-Net's loader: round(4 * (1 - 0.25)) = 3 random patches, 1 around a lesion
     CPU_THREADS = 1
