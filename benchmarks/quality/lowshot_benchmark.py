@@ -7,12 +7,13 @@
 Fine-tunes the seed-0 distilled UNet of phantom_benchmark.py (same --work; run that first, at least seed 0), whose
 world it only reads. The labeled cases are phantoms of their own (Dataset502, phantom seed 1: none of them is a
 pretraining or test phantom of the world; larger lesions than the world's, LABELED_PHANTOMS), planned with
-`--screener_from` the world's target so that their plans build the distilled UNet, under --lowshot_work. Each arm ('lowshot', and with --control 'full_data') gets its own
-nnUNet_preprocessed (the labeled dataset's plans and files linked, its own splits_final.json) and nnUNet_results. k
-folds whose validation parts partition the labeled phantoms, each training on n labeled cases only (full data: every
-case outside the fold), stock `nnUNetv2_train` for both trainers with one schedule, then `nnScreener_compare`'s API
-(per-case Dice, relative change, paired Wilcoxon) per fold and pooled. Also measures how far fine-tuning moves the
-distilled weights and keeps both trainers' loss curves. Re-running resumes finished folds.
+`--screener_from` the world's target so that their plans build the distilled UNet, under --lowshot_work. Each arm
+('lowshot', and with --control 'full_data') gets its own nnUNet_preprocessed (the labeled dataset's plans and files
+linked, its own splits_final.json) and nnUNet_results. k folds whose validation parts partition the labeled
+phantoms, each training on n labeled cases only (full data: every case outside the fold), stock `nnUNetv2_train` for
+both trainers with one schedule, then `nnScreener_compare`'s API (per-case Dice, relative change, paired Wilcoxon)
+per fold and pooled. Also measures how far fine-tuning moves the distilled weights and keeps both trainers' loss
+curves. Re-running resumes finished folds.
 """
 import argparse
 import dataclasses
