@@ -102,6 +102,9 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert preset['clahe_clip_limit'] == 0.01 and get_preset('tiny')['clahe_clip_limit'] == 0.05
     assert preset['density']['condition_median'] == 5
     assert get_preset('cpu:leaveout=2')['density']['condition_leave_out'] == [8, 16, 16]  # 2 training mask blocks
+    # leave-out cells count the preset's own mask blocks, whatever order the overrides come in
+    blocks = get_preset('cpu:leaveout=1,maskblock=8x12x12')
+    assert blocks['ssl']['mask_block_size'] == (8, 12, 12) and blocks['density']['condition_leave_out'] == [8, 12, 12]
     # the paper's conditions by default, with plans as they were before the option existed (no key)
     assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')
                    for key in ('condition_median', 'condition_leave_out'))

@@ -457,3 +457,18 @@ def test_a_stage_is_stale_when_an_upstream_stage_block_changes(tmp_path):
     with pytest.raises(ScreenerInputError, match='ssl.num_steps'):  # upstream steps count: other features
         finished('distillation', {**screener, 'ssl': {'num_steps': 7, 'lr': 1e-3}})
     assert finished('ssl', median) and finished('density', {**screener, 'distillation': {'num_steps': 9}})
+
+
+def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_changes(tmp_path):
+    """The descriptor shares the `ssl` block with the condition model but never masks: new mask blocks (the
+    `maskblock` preset override) must retrain the condition model and what reads it, not the descriptor."""
+    from nnscreener.trainers.nnscreener_ssl_trainers import nnScreenerConditionTrainer, nnScreenerDescriptorTrainer
+    from nnscreener.training.stage_runs import RUN_FILE, plan_stage_run
+    screener = {'descriptor_dim': 8, 'condition_dim': 8, 'ssl': {'num_steps': 6, 'mask_block_size': [4, 8, 8]},
+                'density': {'num_steps': 3}}
+    (tmp_path / RUN_FILE).write_text(json.dumps({'run_id': 'run'}))
+    torch.save({'screener': {'run_id': 'run', 'step': 6, 'plans_screener': screener}}, tmp_path / 'checkpoint_final.pth')
+    blocks = {**screener, 'ssl': {'num_steps': 6, 'mask_block_size': [8, 12, 12]}}
+    assert plan_stage_run(str(tmp_path), 'ssl', blocks, True, nnScreenerDescriptorTrainer.settings_not_learned).finished
+    with pytest.raises(ScreenerInputError, match='ssl.mask_block_size'):
+        plan_stage_run(str(tmp_path), 'ssl', blocks, True, nnScreenerConditionTrainer.settings_not_learned)

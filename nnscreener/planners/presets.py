@@ -123,10 +123,33 @@ PRESETS['cpu_wide'] = _cpu_wide_preset()
 PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
-# "<preset>:steps=N,clahe=X,median=K,leaveout=L": a preset with every stage trained N steps, another CLAHE clip limit,
-# another condition median window and/or leave-out conditions, for the quality-vs-compute, CLAHE and condition
-# measurements (benchmarks/quality); the plans record the full name
-PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int}
+# "<preset>:steps=N,clahe=X,median=K,leaveout=L,maskblock=ZxYxX": a preset with every stage trained N steps, another
+# CLAHE clip limit, another condition median window, leave-out conditions and/or other mask blocks of the condition
+# model's training, for the quality-vs-compute, CLAHE and condition measurements (benchmarks/quality); the plans record
+# the full name
+
+
+def _mask_block(value: str) -> tuple:
+    block = tuple(int(v) for v in value.split('x'))
+    if len(block) != 3 or min(block) < 1:
+        raise ValueError(value)
+    return block
+
+
+PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'maskblock': _mask_block}
+
+
+def _parse_overrides(name: str, overrides: str) -> dict:
+    from nnscreener.utilities.errors import ScreenerInputError
+    parsed = {}
+    for item in filter(None, overrides.split(',')):
+        key, _, value = item.partition('=')
+        try:
+            parsed[key] = PRESET_OVERRIDES[key](value)
+        except (KeyError, ValueError):
+            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
+                                     f"median=<odd int>, leaveout=<int> or maskblock=<z>x<y>x<x>")
+    return parsed
 
 
 def get_preset(name: str) -> dict:
@@ -135,28 +158,24 @@ def get_preset(name: str) -> dict:
     if base not in PRESETS:
         raise ScreenerInputError(f"unknown preset '{base}'; choose one of {sorted(PRESETS)}")
     preset = deepcopy(PRESETS[base])
-    for item in filter(None, overrides.split(',')):
-        key, _, value = item.partition('=')
-        try:
-            value = PRESET_OVERRIDES[key](value)
-        except (KeyError, ValueError):
-            raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
-                                     f"median=<odd int> or leaveout=<int>")
-        if key == 'steps':
-            preset = _longer(preset, value, min(value // 10, preset['ssl']['warmup_steps']), max(10, value // 10))
-        elif key == 'median':
-            # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
-            # finds the phantoms' small lesions better but the real sarcomas and the distilled UNet worse
-            # (benchmarks/quality, documentation/benchmarks.md)
-            preset['density']['condition_median'] = value
-            if value == 1:
-                del preset['density']['condition_median']
-        elif key == 'leaveout':
-            # conditions with each voxel's cell masked (LeaveOutConditions); the cell is `value` mask blocks of the
-            # condition model's training; 0 = none (no key), the paper's conditions
-            preset['density'].pop('condition_leave_out', None)
-            if value:
-                preset['density']['condition_leave_out'] = [value * b for b in preset['ssl']['mask_block_size']]
-        else:
-            preset['clahe_clip_limit'] = value
+    overrides = _parse_overrides(name, overrides)
+    if 'steps' in overrides:
+        steps = overrides['steps']
+        preset = _longer(preset, steps, min(steps // 10, preset['ssl']['warmup_steps']), max(10, steps // 10))
+    if 'clahe' in overrides:
+        preset['clahe_clip_limit'] = overrides['clahe']
+    if 'maskblock' in overrides:
+        # before leaveout, whose cell is counted in these blocks. Why: masking invariance can only hide a lesion
+        # from the conditions when a block covers it, and tiny's blocks (4 x 8 x 8 voxels, 9 x 12 x 12 mm) are
+        # smaller than most phantom lesions (5-28 mm); the paper's are 36 mm cubes
+        preset['ssl']['mask_block_size'] = overrides['maskblock']
+    if overrides.get('median', 1) != 1:
+        # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
+        # finds the phantoms' small lesions better but the real sarcomas and the distilled UNet worse
+        # (benchmarks/quality, documentation/benchmarks.md)
+        preset['density']['condition_median'] = overrides['median']
+    if overrides.get('leaveout'):
+        # conditions with each voxel's cell masked (LeaveOutConditions); the cell is `leaveout` mask blocks of the
+        # condition model's training; 0 = none (no key), the paper's conditions
+        preset['density']['condition_leave_out'] = [overrides['leaveout'] * b for b in preset['ssl']['mask_block_size']]
     return preset

@@ -55,7 +55,7 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
     told_where = False
     for k, stage in enumerate(ordered):
         run = plan_stage_run(stage_folder(name, stage, trainers[stage]), classes[k].settings_block,
-                             settings[k].to_dict(), continue_)
+                             settings[k].to_dict(), continue_, classes[k].settings_not_learned)
         if run.finished:
             print(f'{stage}: finished earlier with these plans ({stage_checkpoint(name, stage, trainers[stage])}), '
                   f'skipping')

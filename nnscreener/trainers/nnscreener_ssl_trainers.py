@@ -11,6 +11,7 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     """f_desc: the plans' UNet with a d_desc-channel full-resolution head, trained with dense VICReg/InfoNCE."""
     settings_block = 'ssl'
     feature_dim_key = 'descriptor_dim'
+    settings_not_learned = ('ssl.mask_block_size', 'ssl.mask_ratio', 'condition_dim')  # the condition model's
 
     def build_objective(self):
         dim = getattr(self.settings, self.feature_dim_key)
@@ -32,6 +33,7 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
 class nnScreenerConditionTrainer(nnScreenerDescriptorTrainer):
     """g_cond: same training plus random block masking, so its features ignore local (pathological) content."""
     feature_dim_key = 'condition_dim'
+    settings_not_learned = ('descriptor_dim',)
 
     def build_masking(self):
         return BlockMasking(self.stage_settings.mask_block_size, self.stage_settings.mask_ratio)

@@ -34,9 +34,11 @@ class StageRun(NamedTuple):
     finished: bool  # nothing to train: the final checkpoint is this run's, with these settings
 
 
-def plan_stage_run(folder: str, block: str, screener: dict, continue_: bool) -> StageRun:
+def plan_stage_run(folder: str, block: str, screener: dict, continue_: bool, not_learned=()) -> StageRun:
     """The run to do in stage folder `folder` whose trainer trains with `screener` (its `screener` block, `block`
-    its per-stage key); starts a fresh run unless `continue_` finds a checkpoint of the current run."""
+    its per-stage key); starts a fresh run unless `continue_` finds a checkpoint of the current run.
+    not_learned: dotted keys of the block this stage does not read (the descriptor shares the `ssl` block with the
+    condition model but never masks), which may change without staling it."""
     if not continue_:
         return StageRun(begin_fresh_run(folder), None, False)
     run_id = current_run_id(folder)
@@ -47,7 +49,7 @@ def plan_stage_run(folder: str, block: str, screener: dict, continue_: bool) -> 
         state = load_plain_checkpoint(fname, 'cpu')['screener']
         if run_id is not None and state.get('run_id') != run_id:
             continue  # an earlier run's file, left by a kill before the fresh run removed it
-        num_steps = _check_settings(state, block, screener, fname)
+        num_steps = _check_settings(state, block, screener, fname, not_learned)
         if run_id is None:
             run_id = _save_run_id(folder, uuid.uuid4().hex)
         finished = name == FINAL and state['step'] == num_steps
@@ -87,10 +89,10 @@ def stage_settings(screener: dict, block: str) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def _check_settings(state: dict, block: str, screener: dict, fname: str) -> int:
+def _check_settings(state: dict, block: str, screener: dict, fname: str, not_learned=()) -> int:
     """The planned step count, after refusing a checkpoint trained with other settings or beyond that count."""
     trained, planned = stage_settings(state['plans_screener'], block), stage_settings(screener, block)
-    changed = sorted(_differing_keys(trained, planned))
+    changed = sorted(set(_differing_keys(trained, planned)) - set(not_learned))
     num_steps = int(screener[block]['num_steps'])
     if changed:
         raise ScreenerInputError(f'{fname} was trained with other settings than the plans now give '

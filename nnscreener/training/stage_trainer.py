@@ -44,6 +44,7 @@ def training_seed() -> int:
 
 class nnScreenerStageTrainer(nnUNetTrainer, metaclass=ABCMeta):
     settings_block = None  # the plans' stage block this trainer trains with: 'ssl', 'density' or 'distillation'
+    settings_not_learned = ()  # dotted keys of the plans' `screener` block this stage does not read (stage_runs)
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
