@@ -467,7 +467,8 @@ def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_ch
     screener = {'descriptor_dim': 8, 'condition_dim': 8, 'ssl': {'num_steps': 6, 'mask_block_size': [4, 8, 8]},
                 'density': {'num_steps': 3}}
     (tmp_path / RUN_FILE).write_text(json.dumps({'run_id': 'run'}))
-    torch.save({'screener': {'run_id': 'run', 'step': 6, 'plans_screener': screener}}, tmp_path / 'checkpoint_final.pth')
+    torch.save({'screener': {'run_id': 'run', 'step': 6, 'plans_screener': screener}},
+               tmp_path / 'checkpoint_final.pth')
     blocks = {**screener, 'ssl': {'num_steps': 6, 'mask_block_size': [8, 12, 12]}}
     assert plan_stage_run(str(tmp_path), 'ssl', blocks, True, nnScreenerDescriptorTrainer.settings_not_learned).finished
     with pytest.raises(ScreenerInputError, match='ssl.mask_block_size'):
