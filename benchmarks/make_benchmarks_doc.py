@@ -113,6 +113,27 @@ def oracle_section(result: dict) -> list:
     return lines + ['']
 
 
+def condition_ab_section(result: dict) -> list:
+    """The paired seed-0 runs of condition settings: one row per run, modular and distilled."""
+    types = [t for t, v in result['runs'][0]['methods']['screener'].items() if t != 'all' and isinstance(v, dict)]
+    lines = [f"### {result['title']} (`condition_ab_seed0.json`)", '', result['note'], '',
+             '| run (preset) | modular AUROC | AUROC@FPR0.3 | worst lesion type | Dice | distilled AUROC | '
+             'distilled Dice | trained |', '|---' * 8 + '|']
+    for run in result['runs']:
+        modular, distilled = run['methods']['screener'], run['methods']['screener_distilled']
+        worst = min(types, key=lambda t: modular[t]['auroc_body'])
+        lines.append(f"| {run['label']} (`{run['preset']}`) | {f3(modular['all']['auroc_body'])} | "
+                     f"{f3(modular['all']['auroc_fpr03_body'])} | {worst} {f3(modular[worst]['auroc_body'])} | "
+                     f"{f3(modular['all']['dice'])} | {f3(distilled['all']['auroc_body'])} | "
+                     f"{f3(distilled['all']['dice'])} | {run['trained']} |")
+    oracle = result['condition_oracle_maskblock']
+    rows = oracle['per_tag']['seed0']
+    lines += ['', f"Condition oracle of the `{oracle['world']}` run (`{oracle['command']}`, {oracle['date']}), "
+              f"body AUROC: conditions from the CT {f3(rows['conditions from the CT']['all'])}, from the in-painted "
+              f"CT {f3(rows['conditions from the in-painted CT']['all'])}; reference: {oracle['reference']}.", '']
+    return lines
+
+
 def curve_section(result: dict) -> list:
     lines = ['### Quality against compute (`quality_vs_compute.json`)', '',
              f"{machine_line(result['machine'])}. {result['n_pretrain']} pretraining / {result['n_test']} test "
@@ -301,6 +322,7 @@ def main():
                           ('phantom_quality_cpu_ab_paper.json', phantom_section),
                           ('phantom_quality_cpu_leaveout2.json', phantom_section),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
+                          ('condition_ab_seed0.json', condition_ab_section),
                           ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section), ('lowshot.json', lowshot_section),
