@@ -101,7 +101,7 @@ def _longer(preset: dict, steps: int, warmup: int, checkpoint_every: int) -> dic
     return preset
 
 
-# CPU quality benchmarks (benchmarks/quality): the tiny networks, trained 3x longer (about a minute per stage on 2 cores)
+# CPU quality benchmarks (benchmarks/quality): the tiny networks, trained 3x longer (about a minute per stage, 2 cores)
 PRESETS['tiny_long'] = _longer(PRESETS['tiny'], steps=600, warmup=20, checkpoint_every=100)
 
 
