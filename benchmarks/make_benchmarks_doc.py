@@ -293,7 +293,7 @@ def lowshot_section(result: dict) -> list:
     if 'full_data' in result:
         full = result['full_data']
         lines += lowshot_rows(full, f"Full-data control: {full['n_train']} training cases "
-                                    f"(folds {', '.join(map(str, full['folds_done']))} of {result['folds']})")
+                                    f"(fold{'s' if len(full['folds_done']) > 1 else ''} {', '.join(map(str, full['folds_done']))} of {result['folds']})")
     else:
         lines += ['Full-data control: not run.', '']
     scratch, screener = result['scratch']['dice_mean'], result['screener']['dice_mean']
