@@ -292,8 +292,8 @@ def lowshot_section(result: dict) -> list:
     lines += lowshot_rows(result, f"{result['n_train']} labeled training cases")
     if 'full_data' in result:
         full = result['full_data']
-        lines += lowshot_rows(full, f"Full-data control: {full['n_train']} training cases "
-                                    f"(fold{'s' if len(full['folds_done']) > 1 else ''} {', '.join(map(str, full['folds_done']))} of {result['folds']})")
+        folds = f"fold{'s' if len(full['folds_done']) > 1 else ''} {', '.join(map(str, full['folds_done']))}"
+        lines += lowshot_rows(full, f"Full-data control: {full['n_train']} training cases ({folds} of {result['folds']})")
     else:
         lines += ['Full-data control: not run.', '']
     scratch, screener = result['scratch']['dice_mean'], result['screener']['dice_mean']
