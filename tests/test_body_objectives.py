@@ -105,9 +105,12 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     # leave-out cells count the preset's own mask blocks, whatever order the overrides come in
     blocks = get_preset('cpu:leaveout=1,maskblock=8x12x12')
     assert blocks['ssl']['mask_block_size'] == (8, 12, 12) and blocks['density']['condition_leave_out'] == [8, 12, 12]
+    assert get_preset('cpu:leaveout=2,centred=1')['density']['condition_leave_out_centred'] is True
+    with pytest.raises(ScreenerInputError, match='add leaveout'):
+        get_preset('cpu:centred=1')
     # the paper's conditions by default, with plans as they were before the option existed (no key)
     assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')
-                   for key in ('condition_median', 'condition_leave_out'))
+                   for key in ('condition_median', 'condition_leave_out', 'condition_leave_out_centred'))
     assert get_preset('cpu_wide')['patch_size'] == (32, 48, 48) and get_preset('cpu')['ssl']['num_steps'] == 2700
     with pytest.raises(ScreenerInputError, match='steps=<int>'):
         get_preset('tiny:steps=many')

@@ -370,6 +370,26 @@ def test_leave_out_conditions_ignore_what_lies_in_the_voxels_own_cell():
         LeaveOutConditions(network, 0.0, (4, 4))
 
 
+def test_centred_leave_out_cells_hide_a_lesion_that_crosses_a_cell_border():
+    """Centred cells: a lesion across the border of the unshifted checkerboard's cells leaks into the plain leave-out
+    conditions of its own voxels (each sees the part in the neighbouring cell), and not into the centred ones, where
+    every voxel of it lies in the middle half of its masked cell. Away from borders both are the same pass."""
+    from nnscreener.density.conditions import LeaveOutConditions
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, D_C, 5, padding=2), torch.nn.Tanh(),
+                                  torch.nn.Conv3d(D_C, D_C, 5, padding=2))
+    plain, centred = (LeaveOutConditions(network, -0.5, (8, 8, 8), centred=c) for c in (False, True))
+    x = torch.rand(1, 1, 16, 16, 16)
+    lesion = x.clone()
+    lesion[..., 7:10, 7:10, 7:10] += 3.0  # across the border at 8 of the unshifted cells, in the middle of [4, 12)
+    inside = (..., slice(7, 10), slice(7, 10), slice(7, 10))
+    with torch.no_grad():
+        assert (plain(lesion) - plain(x))[inside].abs().mean() > 1e-2
+        torch.testing.assert_close(centred(lesion)[inside], centred(x)[inside])
+        middle = (..., slice(2, 6), slice(2, 6), slice(10, 14))  # the middle halves of unshifted cells
+        torch.testing.assert_close(centred(x)[middle], plain(x)[middle])
+
+
 def test_intensity_histogram_density_is_multimodal_and_conditional():
     """The intensity baseline's density: intensities are two-moded at a position (lung or muscle), and a value
     between the modes must score as anomalous, which a Gaussian (mode in the middle) gets backwards. The condition

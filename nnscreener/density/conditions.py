@@ -11,6 +11,7 @@ to z, then y. Axis a with n_a pairs uses the standard geometric frequencies
 and contributes the channels [sin(omega_0 p_a) .. sin(omega_{n_a-1} p_a), cos(omega_0 p_a) .. cos(omega_{n_a-1} p_a)];
 channel blocks are ordered z, y, x. Positions may be in voxels or mm; the frequencies are per position unit.
 """
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -104,9 +105,11 @@ def median_aggregated_conditions(c: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(channels, dim=1)
 
 
-def checkerboard_cells(shape: Sequence[int], cell: Sequence[int], device=None) -> torch.Tensor:
-    """Bool (z, y, x): True in the cells of a `cell`-sized grid (from the patch origin) whose index sum is even."""
-    index = [torch.arange(n, device=device) // c for n, c in zip(shape, cell)]
+def checkerboard_cells(shape: Sequence[int], cell: Sequence[int], device=None,
+                       offset: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Bool (z, y, x): True in the cells of a `cell`-sized grid (from the patch origin, shifted back by `offset`
+    voxels) whose index sum is even."""
+    index = [(torch.arange(n, device=device) + o) // c for n, c, o in zip(shape, cell, offset)]
     return (index[0][:, None, None] + index[1][None, :, None] + index[2][None, None, :]) % 2 == 0
 
 
@@ -119,17 +122,42 @@ class LeaveOutConditions(nn.Module):
     from a CT with the lesions in-painted raise body AUROC 0.61 -> 0.91 (benchmarks/quality/condition_oracle.py).
     Masking the voxel's neighbourhood is the same in-painting without knowing where the lesion is, and stays within
     what the condition model was trained on (half of the input replaced by the token, as its training masks do).
+
+    centred: a voxel near the border of its cell still lets the condition model see the part of a lesion across
+    that border. With centred cells each voxel takes its condition from one of 8 checkerboards, shifted by half a
+    cell along any of the axes, the one whose masked cell has the voxel in its middle half along every axis, so at
+    least a quarter of a cell of masked input surrounds it (8 times the condition model's work).
     """
 
-    def __init__(self, condition: nn.Module, mask_token: float, cell: Sequence[int]):
+    def __init__(self, condition: nn.Module, mask_token: float, cell: Sequence[int], centred: bool = False):
         super().__init__()
         if len(cell) != 3 or min(cell) < 1:
             raise ScreenerInputError(f'the leave-out cell must be 3 positive voxel counts (z, y, x), got {cell}')
-        self.condition, self.cell = condition, tuple(int(c) for c in cell)
+        self.condition, self.cell, self.centred = condition, tuple(int(c) for c in cell), centred
         self.register_buffer('mask_token', torch.tensor(float(mask_token)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        even = checkerboard_cells(x.shape[2:], self.cell, x.device)
+    def _left_out(self, x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+        """Conditions of every voxel with its cell of the checkerboard shifted by `offset` masked."""
+        even = checkerboard_cells(x.shape[2:], self.cell, x.device, offset)
         token = self.mask_token.to(x.dtype)
         c_even, c_odd = self.condition(torch.cat([torch.where(even, token, x), torch.where(even, x, token)])).chunk(2)
         return torch.where(even, c_even, c_odd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.centred:
+            return self._left_out(x, (0, 0, 0))
+        # per axis: unshifted where the voxel lies in the middle half of its cell, shifted by half a cell elsewhere
+        shifted = []
+        for axis, (n, c) in enumerate(zip(x.shape[2:], self.cell)):
+            q = torch.arange(n, device=x.device) % c
+            view = [1, 1, 1]
+            view[axis] = n
+            shifted.append(((4 * q < c) | (4 * q >= 3 * c)).view(view))
+        conditions = None
+        for choice in itertools.product((False, True), repeat=3):
+            offset = [c // 2 if s else 0 for c, s in zip(self.cell, choice)]
+            here = (shifted[0] == choice[0]) & (shifted[1] == choice[1]) & (shifted[2] == choice[2])
+            if here.any():
+                c_choice = self._left_out(x, offset)
+                conditions = c_choice if conditions is None else torch.where(here, c_choice, conditions)
+        return conditions

@@ -123,10 +123,10 @@ PRESETS['cpu_wide'] = _cpu_wide_preset()
 PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
-# "<preset>:steps=N,clahe=X,median=K,leaveout=L,maskblock=ZxYxX": a preset with every stage trained N steps, another
-# CLAHE clip limit, another condition median window, leave-out conditions and/or other mask blocks of the condition
-# model's training, for the quality-vs-compute, CLAHE and condition measurements (benchmarks/quality); the plans record
-# the full name
+# "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX": a preset with every stage trained N steps,
+# another CLAHE clip limit, another condition median window, leave-out conditions (with centred cells) and/or other
+# mask blocks of the condition model's training, for the quality-vs-compute, CLAHE and condition measurements
+# (benchmarks/quality); the plans record the full name
 
 
 def _mask_block(value: str) -> tuple:
@@ -136,7 +136,8 @@ def _mask_block(value: str) -> tuple:
     return block
 
 
-PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'maskblock': _mask_block}
+PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'centred': int,
+                    'maskblock': _mask_block}
 
 
 def _parse_overrides(name: str, overrides: str) -> dict:
@@ -148,7 +149,11 @@ def _parse_overrides(name: str, overrides: str) -> dict:
             parsed[key] = PRESET_OVERRIDES[key](value)
         except (KeyError, ValueError):
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
-                                     f"median=<odd int>, leaveout=<int> or maskblock=<z>x<y>x<x>")
+                                     f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
+                                     f"maskblock=<z>x<y>x<x>")
+    if parsed.get('centred') and not parsed.get('leaveout'):
+        raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
+                                 f"add leaveout=<int>")
     return parsed
 
 
@@ -178,4 +183,6 @@ def get_preset(name: str) -> dict:
         # conditions with each voxel's cell masked (LeaveOutConditions); the cell is `leaveout` mask blocks of the
         # condition model's training; 0 = none (no key), the paper's conditions
         preset['density']['condition_leave_out'] = [overrides['leaveout'] * b for b in preset['ssl']['mask_block_size']]
+    if overrides.get('centred'):
+        preset['density']['condition_leave_out_centred'] = True
     return preset

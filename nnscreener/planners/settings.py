@@ -89,6 +89,7 @@ class DensitySettings(StageSettings):
     noise_sd: float = 0.1
     condition_median: int = 1  # median window of the learned conditions; 1 = the paper's conditions
     condition_leave_out: Optional[Tuple[int, int, int]] = None  # LeaveOutConditions' cell; None = the paper's
+    condition_leave_out_centred: bool = False  # LeaveOutConditions' centred cells (8 shifted checkerboards)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -100,7 +100,7 @@ def assemble_modular_screener(dataset_name: str, configuration_manager: Configur
                                                   settings.condition_dim, device)
         if block.condition_leave_out is not None:  # with the mask token the condition model was trained with
             condition = LeaveOutConditions(condition, float(state['objective_weights']['masking.mask_token']),
-                                           block.condition_leave_out)
+                                           block.condition_leave_out, block.condition_leave_out_centred)
     return ModularScreener(descriptor, density.to(device), block.condition, condition, settings.condition_dim,
                            block.pool_stride, block.condition_median).to(device)
 
