@@ -126,11 +126,14 @@ def condition_ab_section(result: dict) -> list:
                      f"{f3(modular['all']['auroc_fpr03_body'])} | {worst} {f3(modular[worst]['auroc_body'])} | "
                      f"{f3(modular['all']['dice'])} | {f3(distilled['all']['auroc_body'])} | "
                      f"{f3(distilled['all']['dice'])} | {run['trained']} |")
-    oracle = result['condition_oracle_maskblock']
-    rows = oracle['per_tag']['seed0']
-    lines += ['', f"Condition oracle of the `{oracle['world']}` run (`{oracle['command']}`, {oracle['date']}), "
-              f"body AUROC: conditions from the CT {f3(rows['conditions from the CT']['all'])}, from the in-painted "
-              f"CT {f3(rows['conditions from the in-painted CT']['all'])}; reference: {oracle['reference']}.", '']
+    lines.append('')
+    for key in ('condition_oracle_maskblock', 'condition_oracle_centred'):
+        oracle = result[key]
+        rows = oracle['per_tag']['seed0']
+        lines += [f"Condition oracle of the `{oracle['world']}` run (`{oracle['command']}`, {oracle['date']}), "
+                  f"body AUROC: conditions from the CT {f3(rows['conditions from the CT']['all'])}, from the "
+                  f"in-painted CT {f3(rows['conditions from the in-painted CT']['all'])}; reference: "
+                  f"{oracle['reference']}.", '']
     return lines
 
 
