@@ -149,16 +149,16 @@ class LeaveOutConditions(nn.Module):
         if not self.centred:
             return self._left_out(x, (0, 0, 0))
         # per axis: unshifted where the voxel lies in the middle half of its cell, shifted by half a cell elsewhere
-        shifted = []
+        board = torch.zeros((1, 1, 1), dtype=torch.long, device=x.device)  # per voxel: which of the 8 boards
         for axis, (n, c) in enumerate(zip(x.shape[2:], self.cell)):
             q = torch.arange(n, device=x.device) % c
             view = [1, 1, 1]
             view[axis] = n
-            shifted.append(((4 * q < c) | (4 * q >= 3 * c)).view(view))
+            board = 2 * board + ((4 * q < c) | (4 * q >= 3 * c)).view(view)
         conditions = None
-        for choice in itertools.product((False, True), repeat=3):
+        for number, choice in enumerate(itertools.product((False, True), repeat=3)):  # board = binary z, y, x
             offset = [c // 2 if s else 0 for c, s in zip(self.cell, choice)]
-            here = (shifted[0] == choice[0]) & (shifted[1] == choice[1]) & (shifted[2] == choice[2])
+            here = board == number
             if here.any():
                 c_choice = self._left_out(x, offset)
                 conditions = c_choice if conditions is None else torch.where(here, c_choice, conditions)
