@@ -108,6 +108,13 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert get_preset('cpu:leaveout=2,centred=1')['density']['condition_leave_out_centred'] is True
     with pytest.raises(ScreenerInputError, match='add leaveout'):
         get_preset('cpu:centred=1')
+    # condsteps trains the condition model longer and nothing else
+    from nnscreener.planners.settings import ScreenerSettings
+    from nnscreener.trainers.nnscreener_ssl_trainers import nnScreenerConditionTrainer, nnScreenerDescriptorTrainer
+    longer = ScreenerSettings.from_dict(get_preset('cpu:condsteps=10800'))
+    assert nnScreenerConditionTrainer.training_settings(longer).ssl.num_steps == 10800
+    assert nnScreenerDescriptorTrainer.training_settings(longer).ssl.num_steps == 2700
+    assert ScreenerSettings.from_dict(get_preset('cpu')).ssl.condition_num_steps is None
     # the paper's conditions by default, with plans as they were before the option existed (no key)
     assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')
                    for key in ('condition_median', 'condition_leave_out', 'condition_leave_out_centred'))

@@ -461,7 +461,8 @@ def test_a_stage_is_stale_when_an_upstream_stage_block_changes(tmp_path):
 
 def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_changes(tmp_path):
     """The descriptor shares the `ssl` block with the condition model but never masks: new mask blocks (the
-    `maskblock` preset override) must retrain the condition model and what reads it, not the descriptor."""
+    `maskblock` preset override) or condition steps (`condsteps`) must retrain the condition model and what reads it,
+    not the descriptor."""
     from nnscreener.trainers.nnscreener_ssl_trainers import nnScreenerConditionTrainer, nnScreenerDescriptorTrainer
     from nnscreener.training.stage_runs import RUN_FILE, plan_stage_run
     screener = {'descriptor_dim': 8, 'condition_dim': 8, 'ssl': {'num_steps': 6, 'mask_block_size': [4, 8, 8]},
@@ -473,3 +474,6 @@ def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_ch
     assert plan_stage_run(str(tmp_path), 'ssl', blocks, True, nnScreenerDescriptorTrainer.settings_not_learned).finished
     with pytest.raises(ScreenerInputError, match='ssl.mask_block_size'):
         plan_stage_run(str(tmp_path), 'ssl', blocks, True, nnScreenerConditionTrainer.settings_not_learned)
+    # nor a longer condition model (condsteps)
+    longer = {**screener, 'ssl': {**screener['ssl'], 'condition_num_steps': 12}}
+    assert plan_stage_run(str(tmp_path), 'ssl', longer, True, nnScreenerDescriptorTrainer.settings_not_learned).finished

@@ -79,6 +79,7 @@ class SSLSettings(StageSettings):
     expander_dims: Tuple[int, ...] = ()
     mask_ratio: float = 0.6
     mask_block_size: Tuple[int, int, int] = (16, 24, 24)
+    condition_num_steps: Optional[int] = None  # the condition model's steps; None = num_steps, as in the paper
 
 
 @dataclass(frozen=True, kw_only=True)

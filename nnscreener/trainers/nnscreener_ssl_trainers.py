@@ -1,4 +1,5 @@
 """Stages 1 and 2 of Screener: the descriptor and the masking-invariant condition model (dense SSL)."""
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.ssl.losses import ssl_loss_of_block
 from nnscreener.ssl.masking import BlockMasking
 from nnscreener.ssl.objective import DenseSSLObjective
@@ -11,7 +12,8 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     """f_desc: the plans' UNet with a d_desc-channel full-resolution head, trained with dense VICReg/InfoNCE."""
     settings_block = 'ssl'
     feature_dim_key = 'descriptor_dim'
-    settings_not_learned = ('ssl.mask_block_size', 'ssl.mask_ratio', 'condition_dim')  # the condition model's
+    # the condition model's
+    settings_not_learned = ('ssl.mask_block_size', 'ssl.mask_ratio', 'ssl.condition_num_steps', 'condition_dim')
 
     def build_objective(self):
         dim = getattr(self.settings, self.feature_dim_key)
@@ -34,6 +36,11 @@ class nnScreenerConditionTrainer(nnScreenerDescriptorTrainer):
     """g_cond: same training plus random block masking, so its features ignore local (pathological) content."""
     feature_dim_key = 'condition_dim'
     settings_not_learned = ('descriptor_dim',)
+
+    @classmethod
+    def training_settings(cls, settings: ScreenerSettings) -> ScreenerSettings:
+        steps = settings.ssl.condition_num_steps
+        return settings if steps is None else settings.with_stage('ssl', num_steps=steps)
 
     def build_masking(self):
         return BlockMasking(self.stage_settings.mask_block_size, self.stage_settings.mask_ratio)
