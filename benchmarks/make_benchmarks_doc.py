@@ -127,8 +127,7 @@ def condition_ab_section(result: dict) -> list:
                      f"{f3(modular['all']['dice'])} | {f3(distilled['all']['auroc_body'])} | "
                      f"{f3(distilled['all']['dice'])} | {run['trained']} |")
     lines.append('')
-    for key in ('condition_oracle_maskblock', 'condition_oracle_centred'):
-        oracle = result[key]
+    for oracle in (v for k, v in result.items() if k.startswith('condition_oracle_')):
         rows = oracle['per_tag']['seed0']
         lines += [f"Condition oracle of the `{oracle['world']}` run (`{oracle['command']}`, {oracle['date']}), "
                   f"body AUROC: conditions from the CT {f3(rows['conditions from the CT']['all'])}, from the "
