@@ -125,8 +125,8 @@ PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_ever
 
 # "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M": a preset with every stage
 # trained N steps, another CLAHE clip limit, another condition median window, leave-out conditions (with centred
-# cells), other mask blocks of the condition model's training and/or a condition model trained M steps, for the quality-vs-compute, CLAHE and condition measurements
-# (benchmarks/quality); the plans record the full name
+# cells), other mask blocks of the condition model's training and/or a condition model trained M steps, for the
+# quality-vs-compute, CLAHE and condition measurements (benchmarks/quality); the plans record the full name
 
 
 def _mask_block(value: str) -> tuple:
