@@ -477,3 +477,5 @@ def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_ch
     # nor a longer condition model (condsteps)
     longer = {**screener, 'ssl': {**screener['ssl'], 'condition_num_steps': 12}}
     assert plan_stage_run(str(tmp_path), 'ssl', longer, True, nnScreenerDescriptorTrainer.settings_not_learned).finished
+    with pytest.raises(ScreenerInputError, match='ssl.condition_num_steps'):
+        plan_stage_run(str(tmp_path), 'ssl', longer, True, nnScreenerConditionTrainer.settings_not_learned)

@@ -12,7 +12,7 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     """f_desc: the plans' UNet with a d_desc-channel full-resolution head, trained with dense VICReg/InfoNCE."""
     settings_block = 'ssl'
     feature_dim_key = 'descriptor_dim'
-    # the condition model's
+    # keys of the shared `ssl` block that only the condition model reads
     settings_not_learned = ('ssl.mask_block_size', 'ssl.mask_ratio', 'ssl.condition_num_steps', 'condition_dim')
 
     def build_objective(self):
