@@ -5,14 +5,17 @@ import os
 import subprocess
 import sys
 from os.path import join
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from conftest import REALCT, TARGET_ID, nnunet_env
 from nnscreener.planners.presets import SCREENER_SPACING, get_preset
+from nnscreener.planners.screener_planner import nnScreenerPlanner
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.preprocessing.screener_cache import ScreenerCache
 from nnscreener.utilities.errors import ScreenerInputError
@@ -36,6 +39,13 @@ def test_plans_have_fixed_spacing_patch_and_stock_names(in_phantom_world):
     props = plans['foreground_intensity_properties_per_channel']['0']
     # CTNormalization: (clip(x, p00_5, p99_5) - mean) / std == (clip(x, -1000, 300) + 1000) / 1300
     assert (props['percentile_00_5'], props['percentile_99_5'], props['mean'], props['std']) == (-1000, 300, -1000, 1300)
+    # batch Dice as nnU-Net's 3d_fullres plans it when it also plans a 3d_lowres: the patch is under a quarter of the
+    # median image (so the fine-tuning loss is not averaged over lesion-free patches); not for a whole-image patch
+    assert np.prod(config['patch_size']) < 0.25 * np.prod(config['median_image_size_in_voxels'])
+    assert ConfigurationManager(config).batch_dice is True
+    planner = SimpleNamespace(lowres_creation_threshold=0.25)
+    assert not nnScreenerPlanner.batch_dice(planner, config['median_image_size_in_voxels'],
+                                            config['median_image_size_in_voxels'])
 
 
 def test_preprocessed_data_is_clipped_and_rescaled(in_phantom_world):

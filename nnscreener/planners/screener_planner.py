@@ -113,8 +113,16 @@ class nnScreenerPlanner(ExperimentPlanner):
             'resampling_fn_probabilities_kwargs': resampling_softmax_kwargs,
             'architecture': plans_architecture(self.unet, spacing, patch_size, self.UNet_base_num_features,
                                                self.UNet_max_features_3d),
-            'batch_dice': False,
+            'batch_dice': self.batch_dice(patch_size, median_shape),
         }
+
+    def batch_dice(self, patch_size, median_shape) -> bool:
+        """nnU-Net's rule: its 3d_fullres uses batch Dice exactly when a patch holds less than lowres_creation_threshold
+        (a quarter) of the median image, where it also plans a 3d_lowres. Why it matters for small patches: per-patch
+        Dice averages the one patch around a lesion with patches without any, which divides the lesion's Dice gradient
+        by the batch size and leaves false positives in lesion-free patches to the cross-entropy alone."""
+        return bool(np.prod(patch_size, dtype=np.float64) <
+                    self.lowres_creation_threshold * np.prod(median_shape, dtype=np.float64))
 
     def plan_experiment(self) -> dict:
         spacing = self.determine_fullres_target_spacing()
