@@ -323,6 +323,7 @@ def main():
                           ('phantom_quality_cpu_median5.json', phantom_section),
                           ('phantom_quality_cpu_ab_paper.json', phantom_section),
                           ('phantom_quality_cpu_leaveout2.json', phantom_section),
+                          ('phantom_quality_cpu_condsteps10800.json', phantom_section),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
                           ('quality_vs_compute.json', curve_section),
