@@ -267,7 +267,9 @@ def main():
                                                      args.np)
     n_cases = len(dataset_case_ids(LABELED))
     timings = {}
-    result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases}
+    plans = load_json(join(args.labeled_preprocessed, SCREENER_PLANS_NAME + '.json'))
+    result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases,
+              'batch_dice': plans['configurations'][CONFIGURATION]['batch_dice']}  # the loss of both arms
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
     result.update(lowshot['pooled'], per_fold=lowshot['per_fold'],
                   folds_done=lowshot['folds_done'],
