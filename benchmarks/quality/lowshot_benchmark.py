@@ -23,17 +23,20 @@ from concurrent.futures import ProcessPoolExecutor
 from os.path import isdir, isfile, join
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from matplotlib.figure import Figure
+from scipy import ndimage
 
 from nnscreener.evaluation.compare import compare_trainers, paired_dice_test
 from nnscreener.evaluation.evaluate import json_ready
+from nnscreener.evaluation.metrics import FULL_CONNECTIVITY
 from nnscreener.finetuning.lowshot_splits import dataset_case_ids, write_lowshot_splits
 from nnscreener.finetuning.nnunet_train import nnunet_train
 from nnscreener.phantoms.generator import PRESETS
 from nnscreener.phantoms.lesions import LESION_TYPES
-from nnscreener.phantoms.make_phantoms import dataset_folder_name, make_phantom_datasets
+from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER, dataset_folder_name, make_phantom_datasets
 from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.training.stages import stage_checkpoint
@@ -168,6 +171,28 @@ def weight_change(distilled: str, finetuned: str, scratch: str) -> dict:
             for name, w in start.items()}
 
 
+def lesion_type_recall(fold_folders) -> dict:
+    """Per lesion type, over the validation cases of the given folds: lesions (26-connected components of the type's
+    mask), the share of them that the prediction touches, and the share of their voxels it covers (voxel recall).
+    Tells whether Dice is lost to missed lesions or to lesions only partly segmented."""
+    counts = {name: np.zeros(4) for name in LESION_TYPES.values()}  # lesions, touched, voxels, covered voxels
+    types_folder = join(os.environ['nnUNet_raw'], LABELED_NAME, LESION_TYPES_FOLDER)
+    for folder in fold_folders:
+        validation = join(folder, 'validation')
+        for case in sorted(f for f in os.listdir(validation) if f.endswith('.nii.gz')):
+            predicted = sitk.GetArrayFromImage(sitk.ReadImage(join(validation, case))) > 0
+            types = sitk.GetArrayFromImage(sitk.ReadImage(join(types_folder, case)))
+            for code, name in LESION_TYPES.items():
+                lesions, n = ndimage.label(types == code, structure=FULL_CONNECTIVITY)
+                voxels = np.bincount(lesions.ravel(), minlength=n + 1)[1:]
+                covered = np.bincount(lesions[predicted], minlength=n + 1)[1:]
+                counts[name] += (n, (covered > 0).sum(), voxels.sum(), covered.sum())
+    return {name: {'lesions': int(c[0]), 'touched': float(c[1] / c[0]) if c[0] else None,
+                   'voxel_recall': float(c[3] / c[2]) if c[2] else None,
+                   'mean_voxels': float(c[2] / c[0]) if c[0] else None}
+            for name, c in counts.items()}
+
+
 def training_record(fold_folder: str) -> dict:
     """nnU-Net's per-epoch log kept in the checkpoint (train and validation loss, pseudo Dice on validation patches)
     and the wall times of the epochs and of the final validation (until its summary.json was written)."""
@@ -206,6 +231,8 @@ def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timing
     final = {a: join(trainer_folder(t, 0), 'checkpoint_final.pth') for a, t in trainers.items()}
     return {**comparison_rows(comparison, folds), 'n_train': n_train, 'folds_done': folds,
             'weight_change_fold0': weight_change(distilled, final['screener'], final['scratch']),
+            'lesion_type_recall': {a: lesion_type_recall([trainer_folder(t, f) for f in folds])
+                                   for a, t in trainers.items()},
             'loss_curves': {f'{a} fold {f}': training_record(trainer_folder(t, f))
                             for a, t in trainers.items() for f in folds}}
 
@@ -246,7 +273,7 @@ def main():
     parser.add_argument('--control_folds', type=int, default=3, help='folds of the control (0..n-1)')
     parser.add_argument('--pretrain_seed', type=int, default=0, help='whose distilled UNet initialises fine-tuning')
     parser.add_argument('--schedule', default='cpuLowshot',
-                        help='trainer suffix: cpuLowshot (100 x 50 iterations), 100epochs, or "" (300 epochs)')
+                        help='trainer suffix: cpuLowshot (300 x 50 iterations), 100epochs, or "" (300 epochs)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--jobs', type=int, default=2, choices=[1, 2], help='trainings at once (the two trainers)')
     parser.add_argument('-np', type=int, default=1, help='nnU-Net worker processes per training (and processes for '
@@ -272,13 +299,14 @@ def main():
               'batch_dice': plans['configurations'][CONFIGURATION]['batch_dice']}  # the loss of both arms
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
     result.update(lowshot['pooled'], per_fold=lowshot['per_fold'],
-                  folds_done=lowshot['folds_done'],
+                  folds_done=lowshot['folds_done'], lesion_type_recall=lowshot['lesion_type_recall'],
                   weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
     if args.control:
         n_full = n_cases - -(-n_cases // args.folds)  # every case outside the largest validation fold
         full = run_arm('full_data', n_full, args, distilled, trainers, timings)
         result['full_data'] = {**full['pooled'], 'per_fold': full['per_fold'], 'n_train': n_full,
                                'folds_done': full['folds_done'], 'weight_change_fold0': full['weight_change_fold0'],
+                               'lesion_type_recall': full['lesion_type_recall'],
                                'loss_curves': full['loss_curves']}
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
     result.update(machine(), seeds={'phantoms': 0, 'labeled_phantoms': LABELED_PHANTOM_SEED, 'splits': 0,
