@@ -192,7 +192,7 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     schedule = ('num_epochs', 'warmup_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch',
                 'initial_lr', 'weight_decay', 'oversample_foreground_percent', 'inference_allowed_mirroring_axes')
     assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
-    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 5000
+    assert scratch.num_epochs * scratch.num_iterations_per_epoch == 15000
     # the schedule's batch reaches nnU-Net (which reads it in initialize), and its loader draws round(batch * (1 - p))
     # random patches per batch, the rest around foreground: three and one
     batch = scratch.configuration_manager.batch_size

@@ -89,18 +89,16 @@ class nnScreenerFinetuneTrainer_cpuBenchmark(nnScreenerFromScratchTrainer_cpuBen
 
 class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny):
     """The CPU low-shot benchmark (benchmarks/quality/lowshot_benchmark.py), sized by measurement on 2 cores
-    (documentation/benchmarks.md): 100 epochs x 50 steps of 4 patches, one of them around a lesion, nnU-Net's lr 1e-2
-    after 2 warm-up epochs, no mirroring (as _tiny), one torch thread on the CPU. 3000 steps with 2 lesion patches of
-    4 left 70-100 false-positive blobs per case (fold 0: Dice 0.143 from scratch): the 16 x 24 x 24 patch shows little
-    background around a lesion, so more random patches. Measured (folds 0-2): from scratch 0.167 / 0.097 / 0.187,
-    still over-segmenting; fine-tuned 0.000 (never left all-background) / 0.093 / 0.176; in the full-data control
-    (fold 0) it was from scratch that never left all-background. Those runs had per-patch Dice; with the plans'
-    batch Dice (nnU-Net's rule for patches this small) fold 0 gave 0.151 from scratch and 0.218 fine-tuned, both arms
-    off all-background by epoch 22. The benchmark trains its two arms side
-    by side on 2 cores, and `nnUNetv2_train -device cpu` gives each `cpu_count()` threads: measured 0.29 s per step
-    of this network against 0.12 s with one thread. The Finetune twin differs only in its initialisation
-    (`-pretrained_weights`)."""
-    EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS = 100, 2, 50, 4
+    (documentation/benchmarks.md): 300 epochs x 50 steps of 4 patches, one of them around a lesion, nnU-Net's lr 1e-2
+    after 2 warm-up epochs, no mirroring (as _tiny), one torch thread on the CPU. Why these numbers:
+    - 4 patches, 3 of them random: the 16 x 24 x 24 patch shows little background around a lesion, and with 2 lesion
+      patches of 4 both arms left 70-100 false-positive blobs per case;
+    - 300 epochs: at 100 (with the plans' batch Dice) both arms predicted 3-12 times the lesion volume (folds 0-1),
+      Dice 0.15 from scratch; in fold 0, 300 epochs cut that to 1.3-1.7 times and raised Dice to 0.26 (0.29 fine-tuned);
+    - one thread: the benchmark trains its two arms side by side on 2 cores, and `nnUNetv2_train -device cpu` gives
+      each `cpu_count()` threads (measured 0.29 s per step against 0.12 s with one).
+    The Finetune twin differs only in its initialisation (`-pretrained_weights`)."""
+    EPOCHS, WARMUP_EPOCHS, ITERATIONS, VAL_ITERATIONS = 300, 2, 50, 4
     BATCH, FOREGROUND_PATCHES = 4, 0.25  # nnU-Net's loader: round(4 * (1 - 0.25)) = 3 random patches, 1 around a lesion
     CPU_THREADS = 1
 
