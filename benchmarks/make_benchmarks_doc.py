@@ -284,13 +284,13 @@ def minutes_range(minutes) -> str:
 LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_batchdice_100x50.json', 'lowshot_perpatch_100x50.json')
 
 
-def lesion_recall_rows(result: dict) -> list:
-    """Per lesion type (25-case arm, all its folds): lesions the prediction touches and the voxels it covers."""
-    recall = result.get('lesion_type_recall')  # results from before it was measured have none
+def lesion_recall_rows(block: dict, arm: str) -> list:
+    """Per lesion type (one arm, all its folds): lesions the prediction touches and the voxels it covers."""
+    recall = block.get('lesion_type_recall')  # results from before it was measured have none
     if not recall:
         return []
     scratch, screener = recall['scratch'], recall['screener']
-    lines = ['', '**Found or partly segmented?** Validation lesions of the 25-case arm (26-connected components of '
+    lines = ['', f'**Found or partly segmented?** Validation lesions of the {arm} (26-connected components of '
              'each type\'s mask): the share the prediction touches, and the share of their voxels it covers', '',
              '| lesion type | lesions | mean voxels | touched, from scratch | touched, fine-tuned | '
              'voxel recall, from scratch | voxel recall, fine-tuned |', '|---|---|---|---|---|---|---|']
@@ -343,7 +343,9 @@ def lowshot_section(result: dict, name: str) -> list:
     for stage, w in result['weight_change_fold0'].items():
         lines.append(f"| {stage} | {w['relative_change']:.3f} | {w['cosine_finetuned_vs_distilled']:.3f} | "
                      f"{w['cosine_scratch_vs_distilled']:.3f} |")
-    lines += lesion_recall_rows(result)
+    lines += lesion_recall_rows(result, f"{result['n_train']}-case arm")
+    if 'full_data' in result:
+        lines += lesion_recall_rows(result['full_data'], 'full-data control')
     return lines + ['', f"![low-shot loss curves](images/{name[:-len('.json')]}_loss.png)", '']
 
 
