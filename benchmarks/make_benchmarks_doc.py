@@ -262,7 +262,13 @@ def lowshot_rows(block: dict, title: str) -> list:
     lines = [f'**{title}**', '', '| fold | paired cases | from scratch | from the distilled Screener UNet | change | '
              'Wilcoxon p |', '|---|---|---|---|---|---|']
     lines += [row(f"fold {r['fold']}", r) for r in block['per_fold']]
-    return lines + [row('**pooled**', block), '']
+    lines += [row('**pooled**', block), '']
+    ratio = block.get('predicted_volume_ratio')  # results from before it was measured have none
+    if ratio:
+        per_fold = {arm: ' / '.join(f'{v:.2f}' for v in values) for arm, values in ratio.items()}
+        lines += [f"Predicted over true lesion volume, per fold (above 1: over-segmented): from scratch "
+                  f"{per_fold['scratch']}, fine-tuned {per_fold['screener']}.", '']
+    return lines
 
 
 def labeled_phantoms_text(result: dict) -> str:
@@ -281,7 +287,8 @@ def minutes_range(minutes) -> str:
 
 
 # the committed schedule first, then earlier schedules of the same benchmark
-LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_batchdice_100x50.json', 'lowshot_perpatch_100x50.json')
+LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_batchdice_300x50.json', 'lowshot_batchdice_100x50.json',
+                   'lowshot_perpatch_100x50.json')
 
 
 def lesion_recall_rows(block: dict, arm: str) -> list:
@@ -308,7 +315,9 @@ def lowshot_section(result: dict, name: str) -> list:
     runs = list(result['loss_curves'].values()) + list(result.get('full_data', {}).get('loss_curves', {}).values())
     train_min, val_min = ([r[k] / 60 for r in runs] for k in ('training_s', 'validation_s'))
     dice_loss = 'batch' if result.get('batch_dice') else 'per-patch'  # results from before batch_dice was recorded
-    title = f"{sched['epochs']} x {sched['iterations_per_epoch']} iterations, {dice_loss} Dice"
+    lesion_patches = sched['batch_size'] - sched['random_patches_per_batch']
+    title = (f"{sched['epochs']} x {sched['iterations_per_epoch']} iterations, {lesion_patches} of "
+             f"{sched['batch_size']} patches around a lesion, {dice_loss} Dice")
     lines = [f'### Low-shot fine-tuning, paper Table 2, {title} (`{name}`)', '',
              f"{result['folds']} folds over {result['n_cases']} labeled phantoms of their own (phantom seed "
              f"{result['seeds'].get('labeled_phantoms', 0)}, none of them a pretraining or test phantom of the quality "

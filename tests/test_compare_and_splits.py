@@ -194,10 +194,10 @@ def test_cpu_lowshot_trainer_pair_differs_only_in_initialisation(in_phantom_worl
     assert [getattr(scratch, k) for k in schedule] == [getattr(finetune, k) for k in schedule]
     assert scratch.num_epochs * scratch.num_iterations_per_epoch == 15000
     # the schedule's batch reaches nnU-Net (which reads it in initialize), and its loader draws round(batch * (1 - p))
-    # random patches per batch, the rest around foreground: three and one
+    # random patches per batch, the rest around foreground: two and two
     batch = scratch.configuration_manager.batch_size
     assert batch == finetune.configuration_manager.batch_size == 4
-    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 3
+    assert round(batch * (1 - scratch.oversample_foreground_percent)) == 2
 
 
 def test_demo_shows_the_paired_test_only_where_training_from_scratch_learned(nnunet_env, capsys):

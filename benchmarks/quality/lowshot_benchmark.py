@@ -193,6 +193,13 @@ def lesion_type_recall(fold_folders) -> dict:
             for name, c in counts.items()}
 
 
+def predicted_volume_ratio(fold_folder: str) -> float:
+    """Predicted over reference lesion voxels, summed over the fold's validation cases (nnU-Net's summary.json):
+    above 1 the arm over-segments, below 1 it misses voxels."""
+    lesion = load_json(join(fold_folder, 'validation', 'summary.json'))['mean'][LESION_LABEL]
+    return lesion['n_pred'] / lesion['n_ref']
+
+
 def training_record(fold_folder: str) -> dict:
     """nnU-Net's per-epoch log kept in the checkpoint (train and validation loss, pseudo Dice on validation patches)
     and the wall times of the epochs and of the final validation (until its summary.json was written)."""
@@ -233,6 +240,8 @@ def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timing
             'weight_change_fold0': weight_change(distilled, final['screener'], final['scratch']),
             'lesion_type_recall': {a: lesion_type_recall([trainer_folder(t, f) for f in folds])
                                    for a, t in trainers.items()},
+            'predicted_volume_ratio': {a: [predicted_volume_ratio(trainer_folder(t, f)) for f in folds]
+                                       for a, t in trainers.items()},
             'loss_curves': {f'{a} fold {f}': training_record(trainer_folder(t, f))
                             for a, t in trainers.items() for f in folds}}
 
@@ -300,6 +309,7 @@ def main():
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
     result.update(lowshot['pooled'], per_fold=lowshot['per_fold'],
                   folds_done=lowshot['folds_done'], lesion_type_recall=lowshot['lesion_type_recall'],
+                  predicted_volume_ratio=lowshot['predicted_volume_ratio'],
                   weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
     if args.control:
         n_full = n_cases - -(-n_cases // args.folds)  # every case outside the largest validation fold
@@ -307,6 +317,7 @@ def main():
         result['full_data'] = {**full['pooled'], 'per_fold': full['per_fold'], 'n_train': n_full,
                                'folds_done': full['folds_done'], 'weight_change_fold0': full['weight_change_fold0'],
                                'lesion_type_recall': full['lesion_type_recall'],
+                               'predicted_volume_ratio': full['predicted_volume_ratio'],
                                'loss_curves': full['loss_curves']}
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
     result.update(machine(), seeds={'phantoms': 0, 'labeled_phantoms': LABELED_PHANTOM_SEED, 'splits': 0,
