@@ -286,8 +286,8 @@ def minutes_range(minutes) -> str:
     return low if low == high else f'{low}-{high}'
 
 
-# the committed schedule first, then earlier schedules of the same benchmark
-LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_batchdice_300x50.json', 'lowshot_batchdice_100x50.json',
+# the committed schedule first (and its repeat: nnU-Net's training is not seeded), then earlier schedules
+LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_repeat.json', 'lowshot_batchdice_300x50.json', 'lowshot_batchdice_100x50.json',
                    'lowshot_perpatch_100x50.json')
 
 
