@@ -95,7 +95,7 @@ class nnScreenerFromScratchTrainer_cpuLowshot(nnScreenerFromScratchTrainer_tiny)
       Dice 0.15 from scratch; in fold 0, 300 epochs cut that to 1.3-1.7 times and raised Dice to 0.26 (0.29 fine-tuned);
     - 2 of 4 patches around a lesion: the 16 x 24 x 24 patch shows little background around a lesion, so with per-patch
       Dice at 100 epochs this left 70-100 false-positive blobs per case (1 of 4 was used then); with batch Dice and 300
-      epochs it no longer does, and in fold 0 it raised Dice from 0.26 to 0.30 from scratch (0.29 to 0.33 fine-tuned);
+      epochs it no longer does, and over 3 folds it raised from-scratch Dice from 0.24 to 0.31 and 0.33 (two runs);
     - one thread: the benchmark trains its two arms side by side on 2 cores, and `nnUNetv2_train -device cpu` gives
       each `cpu_count()` threads (measured 0.29 s per step against 0.12 s with one).
     The Finetune twin differs only in its initialisation (`-pretrained_weights`)."""
