@@ -226,7 +226,8 @@ def save_loss_plot(curves: dict, fname: str) -> None:
 
 
 def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timings: dict) -> dict:
-    """Trains (resuming) and compares one arm; returns its table rows, weight changes and loss curves."""
+    """Trains (resuming) and compares one arm; returns its results block: pooled and per-fold table rows, weight
+    changes, lesion-type recall, predicted volume and loss curves."""
     arm_environment(args.labeled_preprocessed, join(args.lowshot_work, arm))
     write_lowshot_splits(LABELED, n_train, args.folds, seed=0, overwrite=True)
     folds = list(range(args.control_folds if arm == 'full_data' else args.run_folds or args.folds))
@@ -235,15 +236,15 @@ def run_arm(arm: str, n_train: int, args, distilled: str, trainers: dict, timing
     comparison = compare_trainers(LABELED, trainers['scratch'], trainers['screener'], SCREENER_PLANS_NAME,
                                   tuple(folds), output_folder=join(args.lowshot_work, arm, 'comparison'),
                                   verbose=False)
-    final = {a: join(trainer_folder(t, 0), 'checkpoint_final.pth') for a, t in trainers.items()}
-    return {**comparison_rows(comparison, folds), 'n_train': n_train, 'folds_done': folds,
+    folders = {a: [trainer_folder(t, f) for f in folds] for a, t in trainers.items()}
+    final = {a: join(fs[0], 'checkpoint_final.pth') for a, fs in folders.items()}
+    rows = comparison_rows(comparison, folds)
+    return {**rows['pooled'], 'per_fold': rows['per_fold'], 'n_train': n_train, 'folds_done': folds,
             'weight_change_fold0': weight_change(distilled, final['screener'], final['scratch']),
-            'lesion_type_recall': {a: lesion_type_recall([trainer_folder(t, f) for f in folds])
-                                   for a, t in trainers.items()},
-            'predicted_volume_ratio': {a: [predicted_volume_ratio(trainer_folder(t, f)) for f in folds]
-                                       for a, t in trainers.items()},
-            'loss_curves': {f'{a} fold {f}': training_record(trainer_folder(t, f))
-                            for a, t in trainers.items() for f in folds}}
+            'lesion_type_recall': {a: lesion_type_recall(f) for a, f in folders.items()},
+            'predicted_volume_ratio': {a: [predicted_volume_ratio(f) for f in fs] for a, fs in folders.items()},
+            'loss_curves': {f'{a} fold {fold}': training_record(f)
+                            for a, fs in folders.items() for fold, f in zip(folds, fs)}}
 
 
 def labeled_phantoms_record() -> dict:
@@ -307,18 +308,10 @@ def main():
     result = {'folds': args.folds, 'n_train': args.n_train, 'n_cases': n_cases,
               'batch_dice': plans['configurations'][CONFIGURATION]['batch_dice']}  # the loss of both arms
     lowshot = run_arm('lowshot', args.n_train, args, distilled, trainers, timings)
-    result.update(lowshot['pooled'], per_fold=lowshot['per_fold'],
-                  folds_done=lowshot['folds_done'], lesion_type_recall=lowshot['lesion_type_recall'],
-                  predicted_volume_ratio=lowshot['predicted_volume_ratio'],
-                  weight_change_fold0=lowshot['weight_change_fold0'], loss_curves=lowshot['loss_curves'])
+    result.update(lowshot)
     if args.control:
         n_full = n_cases - -(-n_cases // args.folds)  # every case outside the largest validation fold
-        full = run_arm('full_data', n_full, args, distilled, trainers, timings)
-        result['full_data'] = {**full['pooled'], 'per_fold': full['per_fold'], 'n_train': n_full,
-                               'folds_done': full['folds_done'], 'weight_change_fold0': full['weight_change_fold0'],
-                               'lesion_type_recall': full['lesion_type_recall'],
-                               'predicted_volume_ratio': full['predicted_volume_ratio'],
-                               'loss_curves': full['loss_curves']}
+        result['full_data'] = run_arm('full_data', n_full, args, distilled, trainers, timings)
     save_loss_plot(lowshot['loss_curves'], args.plot or join(args.lowshot_work, 'lowshot_loss.png'))
     result.update(machine(), seeds={'phantoms': 0, 'labeled_phantoms': LABELED_PHANTOM_SEED, 'splits': 0,
                                     'pretraining': args.pretrain_seed},
