@@ -100,12 +100,13 @@ def target_lines(methods: dict, types: list) -> list:
     return lines + ['']
 
 
-def oracle_section(result: dict) -> list:
+def oracle_section(result: dict, level: str = '###') -> list:
     table = result['table']
     groups = list(next(iter(table.values())))
-    lines = [f"### Do the conditions see the lesions? {result['label']}", '',
+    lines = [f"{level} Do the conditions see the lesions? {result['label']}", '',
              f"The default Screener of runs {result['tags']}, {result['cases']} test phantoms; descriptors from the CT, "
-             f"conditions from the CT or from a copy with the lesions in-painted by their surroundings (an oracle). "
+             f"conditions from the CT or from a copy with the lesions in-painted by their surroundings (an oracle)"
+             f"{'; and the probes of condition_oracle.py --probes' if len(table) > 2 else ''}. "
              f"{machine_line(result['machine'])}. Body AUROC ({result['evaluation']}), mean ± sd over runs.", '',
              '| conditions from | ' + ' | '.join(groups) + ' |', '|---' * (len(groups) + 1) + '|']
     for column, row in table.items():
@@ -116,18 +117,7 @@ def oracle_section(result: dict) -> list:
 
 def condition_ab_section(result: dict) -> list:
     """The paired seed-0 runs of condition settings: one row per run, modular and distilled."""
-    types = [t for t, v in result['runs'][0]['methods']['screener'].items() if t != 'all' and isinstance(v, dict)]
-    lines = [f"### {result['title']} (`condition_ab_seed0.json`)", '', result['note'], '',
-             '| run (preset) | modular AUROC | AUROC@FPR0.3 | worst lesion type | Dice | distilled AUROC | '
-             'distilled Dice | trained |', '|---' * 8 + '|']
-    for run in result['runs']:
-        modular, distilled = run['methods']['screener'], run['methods']['screener_distilled']
-        worst = min(types, key=lambda t: modular[t]['auroc_body'])
-        lines.append(f"| {run['label']} (`{run['preset']}`) | {f3(modular['all']['auroc_body'])} | "
-                     f"{f3(modular['all']['auroc_fpr03_body'])} | {worst} {f3(modular[worst]['auroc_body'])} | "
-                     f"{f3(modular['all']['dice'])} | {f3(distilled['all']['auroc_body'])} | "
-                     f"{f3(distilled['all']['dice'])} | {run['trained']} |")
-    lines.append('')
+    lines = [f"### {result['title']} (`condition_ab_seed0.json`)", '', result['note'], '', *run_rows(result['runs'])]
     for oracle in (v for k, v in result.items() if k.startswith('condition_oracle_')):
         rows = oracle['per_tag']['seed0']
         lines += [f"Condition oracle of the `{oracle['world']}` run (`{oracle['command']}`, {oracle['date']}), "
@@ -135,6 +125,37 @@ def condition_ab_section(result: dict) -> list:
                   f"in-painted CT {f3(rows['conditions from the in-painted CT']['all'])}; reference: "
                   f"{oracle['reference']}.", '']
     return lines
+
+
+def probes_section(result: dict) -> list:
+    """Seed-0 runs of another preset and what their conditions see (condition_oracle.py --probes)."""
+    lines = [f"### {result['title']} (`condition_probes_seed0.json`)", '', result['note'], '', *run_rows(result['runs'])]
+    for probe in result['probes']:
+        lines += oracle_section(probe, level='####')
+    lines += ['#### The control of both oracles (`condition_oracle.py --decoy`)', '', result['decoy_note'], '',
+              '| run | input altered by | lesion vs normal (the oracle) | decoy vs normal | lesion vs decoy (fair) |',
+              '|---|---|---|---|---|']
+    for control in result['decoys']:
+        for mode, row in control['decoy']['seed0'].items():
+            lines.append(f"| {control['label']} | {mode} | {f3(row['lesion vs normal'])} | "
+                         f"{f3(row['decoy vs normal'])} | {f3(row['lesion vs decoy'])} |")
+    return lines + ['', 'Commands: ' + '; '.join(f"`{c['machine']['command']}` ({c['machine']['date']})"
+                                                for c in result['probes'] + result['decoys']) + '.', '']
+
+
+def run_rows(runs: list) -> list:
+    """One table row per training run: modular and distilled body AUROC, the worst lesion type, Dice."""
+    types = [t for t, v in runs[0]['methods']['screener'].items() if t != 'all' and isinstance(v, dict)]
+    lines = ['| run (preset) | modular AUROC | AUROC@FPR0.3 | worst lesion type | Dice | distilled AUROC | '
+             'distilled Dice | trained |', '|---' * 8 + '|']
+    for run in runs:
+        modular, distilled = run['methods']['screener'], run['methods']['screener_distilled']
+        worst = min(types, key=lambda t: modular[t]['auroc_body'])
+        lines.append(f"| {run['label']} (`{run['preset']}`) | {f3(modular['all']['auroc_body'])} | "
+                     f"{f3(modular['all']['auroc_fpr03_body'])} | {worst} {f3(modular[worst]['auroc_body'])} | "
+                     f"{f3(modular['all']['dice'])} | {f3(distilled['all']['auroc_body'])} | "
+                     f"{f3(distilled['all']['dice'])} | {run['trained']} |")
+    return lines + ['']
 
 
 def curve_section(result: dict) -> list:
@@ -369,6 +390,7 @@ def main():
                           ('phantom_quality_cpu_condsteps10800.json', phantom_section),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
+                          ('condition_probes_seed0.json', probes_section),
                           ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section),

@@ -156,10 +156,12 @@ class LeaveOutConditions(nn.Module):
             view[axis] = n
             board = 2 * board + ((4 * q < c) | (4 * q >= 3 * c)).view(view)
         conditions = None
-        for number, choice in enumerate(itertools.product((False, True), repeat=3)):  # board = binary z, y, x
-            offset = [c // 2 if s else 0 for c, s in zip(self.cell, choice)]
-            here = board == number
-            if here.any():
-                c_choice = self._left_out(x, offset)
-                conditions = c_choice if conditions is None else torch.where(here, c_choice, conditions)
+        for number, c_board in enumerate(self.shifted_boards(x)):
+            conditions = c_board if conditions is None else torch.where(board == number, c_board, conditions)
         return conditions
+
+    def shifted_boards(self, x: torch.Tensor):
+        """The conditions of every voxel under each of the 8 checkerboards shifted by half a cell along any of the
+        axes, in the order of the binary number (z, y, x shifted)."""
+        for choice in itertools.product((False, True), repeat=3):
+            yield self._left_out(x, [c // 2 if s else 0 for c, s in zip(self.cell, choice)])
