@@ -129,7 +129,8 @@ def condition_ab_section(result: dict) -> list:
 
 def probes_section(result: dict) -> list:
     """Seed-0 runs of another preset and what their conditions see (condition_oracle.py --probes)."""
-    lines = [f"### {result['title']} (`condition_probes_seed0.json`)", '', result['note'], '', *run_rows(result['runs'])]
+    lines = [f"### {result['title']} (`condition_probes_seed0.json`)", '', result['note'], '',
+             *run_rows(result['runs'])]
     for probe in result['probes']:
         lines += oracle_section(probe, level='####')
     lines += ['#### The control of both oracles (`condition_oracle.py --decoy`)', '', result['decoy_note'], '',

@@ -55,7 +55,8 @@ DECOY_MODES = ('in-painted', 'mask token')
 
 class OracleConditionModel:
     """Two maps per patch: -log q(y | c(CT)) and -log q(y | c(in-painted CT)); the sliding window's `stock` slot
-    carries the in-painted CLAHE volume."""
+    carries the in-painted (or otherwise altered) CLAHE volume. With `leave_out`, a third: the highest NLL over its
+    shifted checkerboards."""
 
     def __init__(self, patch_model, leave_out: LeaveOutConditions = None):
         self.screener, self.patch_size, self.device = patch_model.screener, patch_model.patch_size, 'cpu'
@@ -108,16 +109,22 @@ def inpaint_lesions(clahe: np.ndarray, body: np.ndarray, types: np.ndarray) -> n
     return inpainted
 
 
-def score_tag(work: str, tag: str, cases: int, probes: bool) -> dict:
+def trained_run(work: str, tag: str, cases: int):
+    """The modular Screener of a run (patch model, plans manager, dataset.json) and its first `cases` test cases."""
     use_results(work, tag)
     trained = load_trained_model(TARGET_NAME, 'modular', torch.device('cpu'))
-    model, plans_manager, dataset_json = trained.patch_model, trained.plans_manager, trained.dataset_json
     raw = join(os.environ['nnUNet_raw'], TARGET_NAME)
+    names = sorted(f[:-len('.nii.gz')] for f in os.listdir(join(raw, 'labelsTr')))[:cases]
+    return trained.patch_model, trained.plans_manager, trained.dataset_json, raw, names
+
+
+def score_tag(work: str, tag: str, cases: int, probes: bool) -> dict:
+    model, plans_manager, dataset_json, raw, names = trained_run(work, tag, cases)
     rng = np.random.default_rng(0)
     leave_out = one_block_leave_out(model.screener, plans_manager.plans) if probes else None
     columns = COLUMNS + (PROBES if probes else ())
     samples = {(column, code): ([], []) for column in columns for code in LESION_TYPES}
-    for case in sorted(f[:-len('.nii.gz')] for f in os.listdir(join(raw, 'labelsTr')))[:cases]:
+    for case in names:
         clahe, body, types = preprocessed_case(raw, case, plans_manager, dataset_json)
         maps = list(sliding_window_anomaly_maps(inpaint_lesions(clahe, body, types), clahe,
                                                 OracleConditionModel(model, leave_out), batch_size=32))
@@ -145,14 +152,11 @@ def score_tag(work: str, tag: str, cases: int, probes: bool) -> dict:
 
 def decoy_control(work: str, tag: str, cases: int) -> dict:
     """The three AUROCs of --decoy for in-painting and for the mask token."""
-    use_results(work, tag)
-    trained = load_trained_model(TARGET_NAME, 'modular', torch.device('cpu'))
-    model, plans_manager, dataset_json = trained.patch_model, trained.plans_manager, trained.dataset_json
+    model, plans_manager, dataset_json, raw, names = trained_run(work, tag, cases)
     token = one_block_leave_out(model.screener, plans_manager.plans).mask_token.item()
-    raw = join(os.environ['nnUNet_raw'], TARGET_NAME)
     rng = np.random.default_rng(0)
     samples = {mode: ([], [], []) for mode in DECOY_MODES}  # lesion, untouched normal, decoy
-    for case in sorted(f[:-len('.nii.gz')] for f in os.listdir(join(raw, 'labelsTr')))[:cases]:
+    for case in names:
         clahe, body, types = preprocessed_case(raw, case, plans_manager, dataset_json)
         lesion = binary_dilation(types > 0, iterations=1)
         decoy = np.roll(lesion, clahe.shape[2] // 2, axis=2) & body & ~binary_dilation(lesion, iterations=3)
@@ -206,9 +210,8 @@ def main():
         print(f'{column:36s}', '  '.join(f"{g} {table[column][g]['mean']:.3f}" for g in groups))
     if args.results_json:
         atomic_save_json({'label': args.label, 'machine': machine(), 'work': os.path.abspath(args.work),
-                          'tags': args.tags,
-                          'cases': args.cases, 'evaluation': 'body-only, preprocessed body box', 'per_tag': per_tag,
-                          'table': table}, args.results_json)
+                          'tags': args.tags, 'cases': args.cases, 'evaluation': 'body-only, preprocessed body box',
+                          'per_tag': per_tag, 'table': table}, args.results_json)
 
 
 if __name__ == '__main__':
