@@ -15,12 +15,12 @@ from nnscreener.utilities.io import atomic_save_json
 from phantom_benchmark import results_json
 
 OUT = join(dirname(__file__), '..', 'results', 'condition_probes_seed0.json')
-TITLE = 'Wider context for the conditions, and what they see of the lesions: preset cpu_wide, training seed 0'
+TITLE = 'Wider context for the conditions, and what they see of the lesions: preset cpu_wide'
 NOTE = ("Both runs train on the phantoms of the `cpu` world (/tmp/qw, the seed-0 reference of "
         "condition_ab_seed0.json: 0.657-0.686 modular, 0.708-0.712 distilled over three rebuilds). The second run "
         "keeps the descriptor and condition of the first and retrains density and distillation with the paper's "
-        "conditions; its wall time is inflated by a probe run sharing the two cores. One training seed: differences "
-        "below ~0.05 body AUROC are within the seed spread of the 3-seed tables.")
+        "conditions; its seed-0 wall time is inflated by a probe run sharing the two cores. One or two training seeds: "
+        "differences below ~0.05 body AUROC are within the seed spread of the 3-seed tables.")
 DECOY_NOTE = ("The lesions and a decoy of normal body of the same size (the lesion masks rolled by half the box "
               "along x, clear of the lesions) are altered alike (in-painted by the median of their shell, or "
               "replaced by the condition model's mask token); descriptors from the CT, conditions from the altered "
@@ -28,7 +28,16 @@ DECOY_NOTE = ("The lesions and a decoy of normal body of the same size (the lesi
               "normal tissue whose conditions were altered the same way: the fair ceiling of conditions that do not "
               "see the lesion.")
 LABELS = {'cpu_wide:leaveout=2': 'leave-out cells of 2 mask blocks (16 x 24 x 24), patch 32 x 48 x 48',
-          'cpu_wide': "the paper's conditions, patch 32 x 48 x 48 (descriptor and condition of the run above)"}
+          'cpu_wide': "the paper's conditions, patch 32 x 48 x 48 (seed 0: descriptor and condition of the run above, "
+                      "08:45 UTC; seed 1: every stage, its descriptor resumed from a checkpoint of a run stopped at "
+                      "09:26 UTC)"}
+
+
+MODULAR, DISTILLED = 'Screener (learned cond. + Gaussian)', 'Screener distilled (UNet)'
+
+
+def auroc_of(seed_result: dict, method: str) -> float:
+    return seed_result['methods'][method]['all lesions']['auroc']
 
 
 def run_entry(work: str) -> dict:
@@ -37,11 +46,17 @@ def run_entry(work: str) -> dict:
     settings = {**saved['settings'], 'seeds': sorted(int(s) for s in per_seed)}
     summary = results_json(saved['table'], settings, per_seed)
     machine = settings['machine']
-    minutes = saved['timings_s'][f"seed {settings['seeds'][0]}"] / 60
-    return {'preset': settings['preset'], 'label': LABELS.get(settings['preset'], settings['preset']),
+    minutes = {seed: sum(per_seed[seed]['timings_s'].values()) / 60 for seed in per_seed}
+    label = LABELS.get(settings['preset'], settings['preset'])
+    if len(per_seed) > 1:  # the row is the mean; name each seed's body AUROC
+        label += f"; training seeds {', '.join(map(str, settings['seeds']))}, mean of " + ', '.join(
+            f"seed {seed}: {auroc_of(per_seed[seed], MODULAR):.3f} modular / {auroc_of(per_seed[seed], DISTILLED):.3f}"
+            f" distilled" for seed in sorted(per_seed, key=int))
+    return {'preset': settings['preset'], 'label': label, 'seeds': settings['seeds'],
             'command': machine['command'], 'device': machine['device'], 'methods': summary['methods'],
             'distilled_vs_modular_pearson_r': summary['distilled_vs_modular_pearson_r'],
-            'trained': f"{machine['date']} ({minutes:.0f} min)"}
+            'trained': f"from {machine['date']}; " + ', '.join(f'seed {seed} {m:.0f} min'
+                                                               for seed, m in minutes.items())}
 
 
 def main():
