@@ -129,7 +129,7 @@ def condition_ab_section(result: dict) -> list:
 
 def probes_section(result: dict) -> list:
     """Seed-0 runs of another preset and what their conditions see (condition_oracle.py --probes)."""
-    lines = [f"### {result['title']} (`condition_probes_seed0.json`)", '', result['note'], '',
+    lines = [f"### {result['title']} (`condition_probes.json`)", '', result['note'], '',
              *run_rows(result['runs'])]
     for probe in result['probes']:
         lines += oracle_section(probe, level='####')
@@ -391,7 +391,7 @@ def main():
                           ('phantom_quality_cpu_condsteps10800.json', phantom_section),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
-                          ('condition_probes_seed0.json', probes_section),
+                          ('condition_probes.json', probes_section),
                           ('quality_vs_compute.json', curve_section),
                           ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section),

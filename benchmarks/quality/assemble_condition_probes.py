@@ -1,4 +1,4 @@
-"""Gather benchmarks/results/condition_probes_seed0.json from seed-0 phantom_benchmark.py work folders and the
+"""Gather benchmarks/results/condition_probes.json from seed-0 phantom_benchmark.py work folders and the
 condition_oracle.py --probes / --decoy results of their worlds; every number is read from those files, the texts
 (run labels, notes) are this script's.
 
@@ -14,7 +14,7 @@ from nnscreener.evaluation.evaluate import json_ready
 from nnscreener.utilities.io import atomic_save_json
 from phantom_benchmark import results_json
 
-OUT = join(dirname(__file__), '..', 'results', 'condition_probes_seed0.json')
+OUT = join(dirname(__file__), '..', 'results', 'condition_probes.json')
 TITLE = 'Wider context for the conditions, and what they see of the lesions: preset cpu_wide'
 NOTE = ("Both runs train on the phantoms of the `cpu` world (/tmp/qw, the seed-0 reference of "
         "condition_ab_seed0.json: 0.657-0.686 modular, 0.708-0.712 distilled over three rebuilds). The second run "
