@@ -128,7 +128,8 @@ def condition_ab_section(result: dict) -> list:
 
 
 def probes_section(result: dict) -> list:
-    """Seed-0 runs of another preset and what their conditions see (condition_oracle.py --probes)."""
+    """Runs of another preset, what their conditions see (condition_oracle.py --probes) and the control of the
+    oracles (--decoy)."""
     lines = [f"### {result['title']} (`condition_probes.json`)", '', result['note'], '',
              *run_rows(result['runs'])]
     for probe in result['probes']:

@@ -1,4 +1,4 @@
-"""Gather benchmarks/results/condition_probes.json from seed-0 phantom_benchmark.py work folders and the
+"""Gather benchmarks/results/condition_probes.json from phantom_benchmark.py work folders and the
 condition_oracle.py --probes / --decoy results of their worlds; every number is read from those files, the texts
 (run labels, notes) are this script's.
 
@@ -61,11 +61,11 @@ def run_entry(work: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--runs', nargs='+', required=True, help='phantom_benchmark.py work folders (seed 0)')
+    parser.add_argument('--runs', nargs='+', required=True, help='phantom_benchmark.py work folders')
     parser.add_argument('--probes', nargs='+', required=True, help='condition_oracle.py --probes results')
     parser.add_argument('--decoys', nargs='+', required=True, help='condition_oracle.py --decoy results')
     args = parser.parse_args()
-    result = {'title': TITLE, 'seed': 0, 'note': NOTE, 'runs': [run_entry(w) for w in args.runs],
+    result = {'title': TITLE, 'note': NOTE, 'runs': [run_entry(w) for w in args.runs],
               'probes': [json.load(open(f)) for f in args.probes], 'decoy_note': DECOY_NOTE,
               'decoys': [json.load(open(f)) for f in args.decoys]}
     atomic_save_json(json_ready(result), OUT)

@@ -73,14 +73,18 @@ class OracleConditionModel:
         return torch.stack(maps, 1)
 
 
+def mask_token() -> float:
+    """The mask token the trained condition model (of the run `use_results` points at) was trained with."""
+    _, state = load_stage_network(stage_checkpoint(TARGET_NAME, 'condition'), torch.device('cpu'))
+    return float(state['objective_weights']['masking.mask_token'])
+
+
 def one_block_leave_out(screener, plans: dict) -> LeaveOutConditions:
     """Leave-out conditions of the trained condition model (unwrapped if the run used them), cells of one mask block
     of its training, with its mask token."""
-    _, state = load_stage_network(stage_checkpoint(TARGET_NAME, 'condition'), torch.device('cpu'))
     condition = screener.condition
     condition = condition.condition if isinstance(condition, LeaveOutConditions) else condition
-    return LeaveOutConditions(condition, float(state['objective_weights']['masking.mask_token']),
-                              plans['screener']['ssl']['mask_block_size'])
+    return LeaveOutConditions(condition, mask_token(), plans['screener']['ssl']['mask_block_size'])
 
 
 def preprocessed_case(raw: str, case: str, plans_manager, dataset_json: dict):
@@ -153,7 +157,7 @@ def score_tag(work: str, tag: str, cases: int, probes: bool) -> dict:
 def decoy_control(work: str, tag: str, cases: int) -> dict:
     """The three AUROCs of --decoy for in-painting and for the mask token."""
     model, plans_manager, dataset_json, raw, names = trained_run(work, tag, cases)
-    token = one_block_leave_out(model.screener, plans_manager.plans).mask_token.item()
+    token = mask_token()
     rng = np.random.default_rng(0)
     samples = {mode: ([], [], []) for mode in DECOY_MODES}  # lesion, untouched normal, decoy
     for case in names:
