@@ -123,10 +123,11 @@ PRESETS['cpu_wide'] = _cpu_wide_preset()
 PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_every=270)
 
 
-# "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M": a preset with every stage
-# trained N steps, another CLAHE clip limit, another condition median window, leave-out conditions (with centred
-# cells), other mask blocks of the condition model's training and/or a condition model trained M steps, for the
-# quality-vs-compute, CLAHE and condition measurements (benchmarks/quality); the plans record the full name
+# "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M,density=NAME": a preset with
+# every stage trained N steps, another CLAHE clip limit, another condition median window, leave-out conditions (with
+# centred cells), other mask blocks of the condition model's training, a condition model trained M steps and/or
+# another default density model (whose maps the distillation learns), for the quality-vs-compute, CLAHE, condition
+# and density measurements (benchmarks/quality); the plans record the full name
 
 
 def _mask_block(value: str) -> tuple:
@@ -136,8 +137,15 @@ def _mask_block(value: str) -> tuple:
     return block
 
 
+def _density_model(value: str) -> str:
+    from nnscreener.density.factory import DENSITY_MODEL_NAMES
+    if value not in DENSITY_MODEL_NAMES:
+        raise ValueError(value)
+    return value
+
+
 PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'centred': int,
-                    'maskblock': _mask_block, 'condsteps': int}
+                    'maskblock': _mask_block, 'condsteps': int, 'density': _density_model}
 
 
 def _parse_overrides(name: str, overrides: str) -> dict:
@@ -150,7 +158,8 @@ def _parse_overrides(name: str, overrides: str) -> dict:
         except (KeyError, ValueError):
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
                                      f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
-                                     f"maskblock=<z>x<y>x<x> or condsteps=<int>")
+                                     f"maskblock=<z>x<y>x<x> or condsteps=<int> or density=<conditional_gaussian|"
+                                     f"conditional_flow|gaussian|flow>")
     if parsed.get('centred') and not parsed.get('leaveout'):
         raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
                                  f"add leaveout=<int>")
@@ -177,6 +186,8 @@ def get_preset(name: str) -> dict:
     if 'condsteps' in overrides:
         # masking invariance is learned: the paper trains its condition model 300k steps, `cpu` 2700
         preset['ssl']['condition_num_steps'] = overrides['condsteps']
+    if 'density' in overrides:
+        preset['density']['model'] = overrides['density']
     if overrides.get('median', 1) != 1:
         # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
         # finds the phantoms' small lesions better but the real sarcomas and the distilled UNet worse
