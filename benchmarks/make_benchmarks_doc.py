@@ -42,11 +42,11 @@ def machine_line(machine: dict) -> str:
     return f"{machine['device']}, torch {machine['torch']}, {machine['date']}; command: `{machine['command']}`"
 
 
-def phantom_section(result: dict, headline: bool = False) -> list:
+def phantom_section(result: dict, headline: bool = False, title: str = None) -> list:
     methods = result['methods']
     settings = result['settings']
     types = [g for g in methods['screener'] if g not in ('all', 'method')]
-    title = settings.get('title', f"preset `{result['preset']}`: unsupervised maps, body-only")
+    title = title or settings.get('title', f"preset `{result['preset']}`: unsupervised maps, body-only")
     lines = [f"### Phantom benchmark, {title}", '',
              f"Preset `{result['preset']}`, training seeds {result['seeds']}, {settings['n_pretrain']} image-only "
              f"pretraining / {settings['n_test']} labeled test phantoms (phantom seed 0). "
@@ -394,7 +394,11 @@ def main():
                           ('condition_ab_seed0.json', condition_ab_section),
                           ('condition_probes.json', probes_section),
                           ('quality_vs_compute.json', curve_section),
-                          ('phantom_quality_cpu_wide.json', phantom_section), ('planted_lesion.json', planted_section),
+                          ('phantom_quality_cpu_wide.json', phantom_section),
+                          ('phantom_quality_cpu_wide_3seeds.json',
+                           partial(phantom_section, title='preset `cpu_wide`, three training seeds: Screener and its '
+                                                          'distilled UNet, body-only')),
+                          ('planted_lesion.json', planted_section),
                           ('realct_quality.json', realct_section),
                           *((name, partial(lowshot_section, name=name)) for name in LOWSHOT_RESULTS),
                           ('speed_cpu.json', lambda r: speed_section(r, 'speed_cpu.json')),

@@ -358,7 +358,10 @@ def run_benchmark(args) -> dict:
     report = json_ready(report)
     atomic_save_json(report, join(out, 'realct_results.json'))
     if args.results_json:
-        atomic_save_json(issue_summary(report), args.results_json)
+        summary = issue_summary(report)
+        if args.label:
+            summary = labelled_into(load_json(args.results_json), summary, args.label)
+        atomic_save_json(summary, args.results_json)
     text = markdown_report(report)
     atomic_save_text(text, join(out, 'realct_results.md'))
     print('\n' + text + f'\nwritten to {out}/realct_results.json and .md')
@@ -384,6 +387,17 @@ def issue_summary(report: dict) -> dict:
             'models': models, 'before': before}
 
 
+def labelled_into(existing: dict, summary: dict, label: str) -> dict:
+    """`existing` with this run's models added as realct_<kind>_<label> and a note of what the label stands for, so
+    a second preset is read beside the run the file holds (whose preset, seed and machine lines stay)."""
+    merged = dict(existing)
+    merged['models'] = {**existing['models'],
+                        **{f'{model}_{label}': scans for model, scans in summary['models'].items()}}
+    merged['note'] = (existing.get('note', '') + f"; realct_*_{label} = preset {summary['preset']}, seed "
+                      f"{summary['seed']}, {summary['machine']['date']}, command: `{summary['command']}`").lstrip('; ')
+    return merged
+
+
 def save_overlays(scans: list, labeled: dict, masks: dict, maps: str, folder: str) -> str:
     """Top-3-slice overlay of every scan; the sarcoma scans with their tumour contour. Existing PNGs are kept."""
     mask_of = {ct: masks[case] for case, (ct, _) in labeled.items()}
@@ -404,6 +418,9 @@ def main():
                                                                   f'optionally with :steps=N')
     parser.add_argument('--results_json', default=None, help='also write the per-scan summary here '
                                                              '(e.g. benchmarks/results/realct_quality.json)')
+    parser.add_argument('--label', default=None,
+                        help='add this run to the existing --results_json as realct_<kind>_<label> instead of '
+                             'replacing it (e.g. --preset cpu --label cpu beside the tiny_long run)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('--seed', type=int, default=0, help='training seed of every pretraining stage')
@@ -422,6 +439,8 @@ def main():
         args.batch_size = 32 if args.device == 'cpu' else 4
     if args.phantom_dataset.isdigit():
         args.phantom_dataset = int(args.phantom_dataset)
+    if args.label and not (args.results_json and isfile(args.results_json)):
+        raise ScreenerInputError('--label adds this run to an existing --results_json: give that file')
     if args.phantom_results and not isdir(args.phantom_results):
         raise ScreenerInputError(f'--phantom_results {args.phantom_results} is not a folder (give an nnUNet_results)')
     run_benchmark(args)
