@@ -24,6 +24,7 @@ from nnscreener.inference.predict import predict
 from nnscreener.inference.variants import predict_density_variants
 from nnscreener.phantoms.lesions import LESION_TYPES
 from nnscreener.phantoms.make_phantoms import LESION_TYPES_FOLDER
+from nnscreener.planners.presets import get_preset
 from nnscreener.run.pretrain import pretrain
 from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
 from world import TARGET, fmt, machine, make_world, mean_sd, timed, use_results
@@ -180,6 +181,15 @@ def aggregate(per_seed: dict, methods) -> dict:
     return table
 
 
+def label(method: str, preset: str) -> str:
+    """The method's name in tables: the default Screener row names the density model the preset plans (the runs'
+    results keep the internal name, so their seeds stay comparable across presets)."""
+    model = get_preset(preset)['density']['model']
+    if method != SCREENER or model == 'conditional_gaussian':
+        return method
+    return f"Screener (learned cond. + {model.replace('conditional_', '')}, as planned)"
+
+
 def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
     """benchmarks/results/phantom_quality.json: means (and `<metric>_sd`, sample sd) over the seeds scored so far,
     body-only, keyed as the issue asks."""
@@ -189,7 +199,7 @@ def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
         methods[key] = {('all' if g == ALL_LESIONS else g): {
             **{METRICS[m][1]: stats[m]['mean'] for m in METRICS},
             **{METRICS[m][1] + '_sd': stats[m]['sd'] for m in METRICS}} for g, stats in groups.items()}
-        methods[key]['method'] = method
+        methods[key]['method'] = label(method, settings['preset'])
     agreement = [r['distilled_vs_modular']['pearson_r_pooled'] for r in per_seed.values() if 'distilled_vs_modular' in r]
     return {'preset': settings['preset'], 'seeds': sorted(per_seed), 'methods': methods,
             'distilled_vs_modular_pearson_r': mean_sd(agreement)['mean'], 'evaluation': 'body-only',
@@ -207,7 +217,8 @@ def markdown(table: dict, per_seed: dict, settings: dict) -> str:
     for metric, (title, _) in METRICS.items():
         lines += [f'**{title}**', '', '| Method | ' + ' | '.join(groups) + ' |', '|---' * (len(groups) + 1) + '|']
         for method, row in table.items():
-            lines.append(f'| {method} | ' + ' | '.join(fmt(row[g][metric]) if g in row else '-' for g in groups) + ' |')
+            lines.append(f"| {label(method, settings['preset'])} | "
+                         + ' | '.join(fmt(row[g][metric]) if g in row else '-' for g in groups) + ' |')
         lines.append('')
     if all('distilled_vs_modular' in per_seed[s] for s in seeds):
         agreement = mean_sd([per_seed[s]['distilled_vs_modular']['pearson_r_pooled'] for s in seeds])
@@ -217,7 +228,7 @@ def markdown(table: dict, per_seed: dict, settings: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def plot(table: dict, out_png: str) -> None:
+def plot(table: dict, preset: str, out_png: str) -> None:
     groups = [g for g in [ALL_LESIONS, *LESION_TYPES.values()] if g in table[next(iter(table))]]
     figure = Figure(figsize=(2.0 + 1.6 * len(groups), 5.0))
     axes = figure.subplots()
@@ -225,8 +236,8 @@ def plot(table: dict, out_png: str) -> None:
     for i, (method, row) in enumerate(table.items()):
         means = [row[g]['auroc']['mean'] if g in row else np.nan for g in groups]
         sds = [row[g]['auroc']['sd'] if g in row else 0 for g in groups]
-        axes.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, means, width, yerr=sds, label=method,
-                 capsize=2)
+        axes.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, means, width, yerr=sds,
+                 label=label(method, preset), capsize=2)
     axes.axhline(0.5, color='grey', lw=0.8, ls='--')
     axes.set_xticks(np.arange(len(groups)), [g.replace('_', '\n') for g in groups], fontsize=8)
     axes.set_ylabel('body voxel AUROC (mean ± sd over seeds)')
@@ -282,7 +293,7 @@ def main():
         atomic_save_json(json_ready({'settings': settings, 'timings_s': timings, 'table': table,
                                      'per_seed': per_seed}), join(out, 'phantom_quality.json'))
         atomic_save_text(markdown(table, per_seed, settings), join(out, 'phantom_quality.md'))
-        plot(table, join(out, 'phantom_quality_auroc.png'))
+        plot(table, args.preset, join(out, 'phantom_quality_auroc.png'))
         if args.results_json:
             atomic_save_json(json_ready(results_json(table, settings, per_seed)), args.results_json)
     print(open(join(out, 'phantom_quality.md')).read())
