@@ -29,10 +29,12 @@ from nnscreener.run.pretrain import pretrain
 from nnscreener.utilities.io import atomic_path, atomic_save_json, atomic_save_text
 from world import TARGET, fmt, machine, make_world, mean_sd, timed, use_results
 
-# method -> (predict model kind, density-stage trainer); the first four are the paper's ablations of Table 3
+# method -> (predict model kind, density-stage trainer); the Screener rows are the paper's ablations of Table 3, the
+# first the model the preset plans (shown under its planned density model, `label`)
 METHODS = {
     'Screener (learned cond. + Gaussian)': ('modular', None),
     'Screener (learned cond. + flow)': ('modular', 'nnScreenerDensityTrainer_flow'),
+    'Screener (learned cond. + Gaussian variant)': ('modular', 'nnScreenerDensityTrainer_gaussian'),
     'Screener (no cond., marginal Gaussian)': ('modular', 'nnScreenerDensityTrainer_marginalGaussian'),
     'Screener (sin-cos cond. + Gaussian)': ('modular', 'nnScreenerDensityTrainer_sincosGaussian'),
     'Baseline: HU given position': ('intensity', 'nnScreenerIntensityTrainer'),
@@ -41,8 +43,8 @@ METHODS = {
     'Screener distilled (UNet)': ('distilled', None),
 }
 SCREENER, DISTILLED = list(METHODS)[0], list(METHODS)[-1]
-METHOD_IDS = dict(zip(METHODS, ('screener', 'flow', 'marginal', 'sincos', 'intensity', 'autoencoder', 'local_contrast',
-                                'distilled')))  # --methods
+METHOD_IDS = dict(zip(METHODS, ('screener', 'flow', 'gaussian', 'marginal', 'sincos', 'intensity', 'autoencoder',
+                                'local_contrast', 'distilled')))  # --methods
 # keys of benchmarks/results/phantom_quality.json: the names for the two Screener models, else the trainer
 RESULT_KEYS = {SCREENER: 'screener', DISTILLED: 'screener_distilled', 'Baseline: local contrast': 'local_contrast'}
 # evaluation summary key -> (markdown title, key in the results JSON); all body-only (normal voxels from the body)

@@ -11,18 +11,26 @@ of the body outside the sphere that scores below the sphere's mean (1 = the sphe
 import argparse
 import glob
 import os
-from os.path import join
+from os.path import isfile, join
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnscreener.inference.predict import predict
 from nnscreener.phantoms.planted import plant_sphere
+from nnscreener.training.stages import stage_checkpoint
 from nnscreener.utilities.io import atomic_save_json
 from phantom_benchmark import METHOD_IDS, METHODS, slug
 from world import TARGET, TARGET_NAME, machine, mean_sd, use_results, use_work_folder
 
 NOT_TRAINED = ('Baseline: local contrast',)  # no model: the same map for every tag
+
+
+def trained(method: str) -> bool:
+    """Whether the current run trained `method` (phantom_benchmark.py --methods may have left it out)."""
+    kind, trainer = METHODS[method]
+    stage = 'distillation' if kind == 'distilled' else 'density'
+    return method in NOT_TRAINED or isfile(stage_checkpoint(TARGET_NAME, stage, trainer))
 
 
 def map_of(image: str, out: str, method: str) -> np.ndarray:
@@ -53,7 +61,8 @@ def main():
     use_work_folder(args.work)
     images = sorted(glob.glob(join(os.environ['nnUNet_raw'], TARGET_NAME, 'imagesTr', '*_0000.nii.gz')))[:args.cases]
     results = {}
-    for method in METHODS:
+    use_results(args.work, args.tags[0])
+    for method in filter(trained, METHODS):
         rows = []
         for tag in args.tags[:1] if method in NOT_TRAINED else args.tags:
             use_results(args.work, tag)

@@ -190,7 +190,7 @@ def pretrain_entry():
     add_device_argument(parser)
     parser.add_argument('-num_gpus', type=int, default=1, help='DDP processes (gloo on CPU, NCCL on CUDA)')
     parser.add_argument('--density_trainer', default=None,
-                        help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _marginalGaussian, '
+                        help='density-stage variant, e.g. nnScreenerDensityTrainer_flow, _gaussian, _marginalGaussian, '
                              '_marginalFlow, _sincosGaussian (default: as planned)')
     parser.add_argument('--seed', '-seed', type=int, default=None,  # -seed: the spelling of earlier versions
                         help='training seed of every stage (default: $nnScreener_seed, else 0)')

@@ -7,8 +7,9 @@ from nnscreener.training.stages import assemble_modular_screener, density_from_b
 
 
 class nnScreenerDensityTrainer(nnScreenerStageTrainer):
-    """Density model and conditions from the plans' `screener` block (default: learned conditions, conditional
-    Gaussian). Variants below fix them for the paper's ablations; each writes its own result folder."""
+    """Density model and conditions from the plans' `screener` block (learned conditions; the conditional flow at
+    the `default` and `cpu` presets, the conditional Gaussian at `tiny`). Variants below fix them for the paper's
+    ablations; each writes its own result folder."""
     settings_block = 'density'
     density_model = None  # None: as planned
     condition_kind = None
@@ -28,6 +29,11 @@ class nnScreenerDensityTrainer(nnScreenerStageTrainer):
 class nnScreenerDensityTrainer_flow(nnScreenerDensityTrainer):
     """Learned conditions + conditional Glow flow."""
     density_model, condition_kind = 'conditional_flow', 'learned'
+
+
+class nnScreenerDensityTrainer_gaussian(nnScreenerDensityTrainer):
+    """Learned conditions + conditional Gaussian (beside a preset that plans the flow)."""
+    density_model, condition_kind = 'conditional_gaussian', 'learned'
 
 
 class nnScreenerDensityTrainer_marginalGaussian(nnScreenerDensityTrainer):
