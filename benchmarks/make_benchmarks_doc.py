@@ -390,6 +390,12 @@ def main():
                           ('phantom_quality_cpu_ab_paper.json', phantom_section),
                           ('phantom_quality_cpu_leaveout2.json', phantom_section),
                           ('phantom_quality_cpu_condsteps10800.json', phantom_section),
+                          ('phantom_quality_cpu_density_ab_gaussian.json',
+                           partial(phantom_section, title='preset `cpu`, density A/B: the Gaussian default, the flow '
+                                                          'beside it, the UNet distilled from the Gaussian maps')),
+                          ('phantom_quality_cpu_density_flow.json',
+                           partial(phantom_section, title='preset `cpu:density=conditional_flow`, density A/B: the '
+                                                          'flow planned, the UNet distilled from the flow maps')),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
                           ('condition_probes.json', probes_section),
