@@ -183,13 +183,18 @@ def aggregate(per_seed: dict, methods) -> dict:
     return table
 
 
+# the default Screener row under a preset that plans another density model than its internal name says
+PLANNED_LABELS = {'conditional_flow': 'learned cond. + flow', 'gaussian': 'no cond., marginal Gaussian',
+                  'flow': 'no cond., marginal flow'}
+
+
 def label(method: str, preset: str) -> str:
     """The method's name in tables: the default Screener row names the density model the preset plans (the runs'
     results keep the internal name, so their seeds stay comparable across presets)."""
     model = get_preset(preset)['density']['model']
-    if method != SCREENER or model == 'conditional_gaussian':
+    if method != SCREENER or model not in PLANNED_LABELS:
         return method
-    return f"Screener (learned cond. + {model.replace('conditional_', '')}, as planned)"
+    return f'Screener ({PLANNED_LABELS[model]}, as planned)'
 
 
 def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
