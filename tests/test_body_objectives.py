@@ -115,11 +115,14 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert nnScreenerConditionTrainer.training_settings(longer).ssl.num_steps == 10800
     assert nnScreenerDescriptorTrainer.training_settings(longer).ssl.num_steps == 2700
     assert ScreenerSettings.from_dict(get_preset('cpu')).ssl.condition_num_steps is None
+    # diststeps trains the distillation longer and nothing else
+    distilled_longer = get_preset('cpu:diststeps=10800')
+    assert [distilled_longer[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [2700, 2700, 10800]
     # density= sets the planned density model, the one the distillation learns from; a wrong name is refused
     assert get_preset('cpu:density=conditional_gaussian')['density']['model'] == 'conditional_gaussian'
     assert get_preset('cpu')['density']['model'] == 'conditional_flow'  # measured best (documentation/benchmarks.md)
     assert get_preset('tiny')['density']['model'] == 'conditional_gaussian'
-    with pytest.raises(ScreenerInputError, match=r'density=<conditional_gaussian\|'):
+    with pytest.raises(ScreenerInputError, match=r'density=<gaussian\|conditional_gaussian\|'):
         get_preset('cpu:density=glow')
     # the paper's conditions by default, with plans as they were before the option existed (no key)
     assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')

@@ -127,11 +127,12 @@ PRESETS['cpu'] = _longer(PRESETS['tiny'], steps=2700, warmup=20, checkpoint_ever
 PRESETS['cpu']['density']['model'] = 'conditional_flow'
 
 
-# "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M,density=NAME": a preset with
-# every stage trained N steps, another CLAHE clip limit, another condition median window, leave-out conditions (with
-# centred cells), other mask blocks of the condition model's training, a condition model trained M steps and/or
-# another default density model (whose maps the distillation learns), for the quality-vs-compute, CLAHE, condition
-# and density measurements (benchmarks/quality); the plans record the full name
+# "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M,diststeps=D,density=NAME": a
+# preset with every stage trained N steps, another CLAHE clip limit, another condition median window, leave-out
+# conditions (with centred cells), other mask blocks of the condition model's training, a condition model trained M
+# steps, a distillation trained D steps and/or another default density model (whose maps the distillation learns),
+# for the quality-vs-compute, CLAHE, condition, distillation and density measurements (benchmarks/quality); the plans
+# record the full name
 
 
 def _mask_block(value: str) -> tuple:
@@ -149,10 +150,11 @@ def _density_model(value: str) -> str:
 
 
 PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'centred': int,
-                    'maskblock': _mask_block, 'condsteps': int, 'density': _density_model}
+                    'maskblock': _mask_block, 'condsteps': int, 'diststeps': int, 'density': _density_model}
 
 
 def _parse_overrides(name: str, overrides: str) -> dict:
+    from nnscreener.density.factory import DENSITY_MODEL_NAMES
     from nnscreener.utilities.errors import ScreenerInputError
     parsed = {}
     for item in filter(None, overrides.split(',')):
@@ -162,8 +164,8 @@ def _parse_overrides(name: str, overrides: str) -> dict:
         except (KeyError, ValueError):
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
                                      f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
-                                     f"maskblock=<z>x<y>x<x> or condsteps=<int> or density=<conditional_gaussian|"
-                                     f"conditional_flow|gaussian|flow>")
+                                     f"maskblock=<z>x<y>x<x> or condsteps=<int> or diststeps=<int> or "
+                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}>")
     if parsed.get('centred') and not parsed.get('leaveout'):
         raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
                                  f"add leaveout=<int>")
@@ -190,6 +192,9 @@ def get_preset(name: str) -> dict:
     if 'condsteps' in overrides:
         # masking invariance is learned: the paper trains its condition model 300k steps, `cpu` 2700
         preset['ssl']['condition_num_steps'] = overrides['condsteps']
+    if 'diststeps' in overrides:
+        # the distilled UNet's regression loss still falls at the end of `cpu`'s 2700 steps
+        preset['distillation']['num_steps'] = overrides['diststeps']
     if 'density' in overrides:
         preset['density']['model'] = overrides['density']
     if overrides.get('median', 1) != 1:
