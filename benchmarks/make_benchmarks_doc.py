@@ -396,6 +396,10 @@ def main():
                           ('phantom_quality_cpu_density_flow.json',
                            partial(phantom_section, title='preset `cpu:density=conditional_flow`, density A/B: the '
                                                           'flow planned, the UNet distilled from the flow maps')),
+                          ('phantom_quality_cpu_diststeps10800.json',
+                           partial(phantom_section, title='preset `cpu:diststeps=10800`, distillation A/B: the '
+                                                          'distillation 4x longer on the headline\'s other stages '
+                                                          '(10800 steps, what `cpu` now plans)')),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
                           ('condition_probes.json', probes_section),
