@@ -310,7 +310,7 @@ def minutes_range(minutes) -> str:
 
 
 # the committed schedule first (and its repeat: nnU-Net's training is not seeded), then earlier schedules
-LOWSHOT_RESULTS = ('lowshot.json', 'lowshot_repeat.json', 'lowshot_batchdice_300x50.json',
+LOWSHOT_RESULTS = ('lowshot_flow_distilled.json', 'lowshot.json', 'lowshot_repeat.json', 'lowshot_batchdice_300x50.json',
                    'lowshot_batchdice_100x50.json', 'lowshot_perpatch_100x50.json')
 
 
