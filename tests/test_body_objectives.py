@@ -1,14 +1,17 @@
 """The body in the training objectives and the maps: the density NLL and the distillation MSE average over the body
 only, the distillation target is standardised with body statistics of many crops, and whole-CT maps hold the body
-minimum outside the body (table and room air never score)."""
+minimum outside the body (table and room air never score), smoothed or not."""
+import types
+
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from nnscreener.density.pooling import body_mean, pooled_body
 from nnscreener.distillation.objective import DistillationObjective
-from nnscreener.inference.anomaly_maps import body_anomaly_map
+from nnscreener.inference.anomaly_maps import body_anomaly_map, map_smoothing_sigma
 from nnscreener.planners.presets import get_preset
 from nnscreener.preprocessing.screener_cache import ScreenerView
 from nnscreener.utilities.errors import ScreenerInputError
@@ -96,6 +99,42 @@ def test_whole_ct_map_holds_the_body_minimum_outside_the_body():
     assert np.unravel_index(anomaly_map.argmax(), stock.shape) == (3, 10, 10)  # not the table
 
 
+def test_smoothed_map_ranks_a_noisy_lesion_higher_and_never_lets_the_table_in():
+    """Lesions of 4 voxels' radius, 0.8 sd above noisy tissue: smoothing over ~2 voxels averages the noise away and
+    ranks them above the rest of the body far more often, the one cut by the scan's first slice too (the body goes
+    on beyond it); the table beside the body (100 sd) stays out."""
+    rng = np.random.default_rng(0)
+    stock = np.zeros((24, 40, 40), np.float32)
+    body = np.zeros_like(stock, bool)
+    body[:, 4:30, 4:36] = True  # the scan ends inside the patient: the body fills the first and last slices
+    stock[body] = 5 + rng.standard_normal(int(body.sum()))
+    zz, yy, xx = np.ogrid[:24, :40, :40]
+    lesions = [(zz - z) ** 2 + (yy - 16) ** 2 + (xx - x) ** 2 <= 16 for z, x in ((12, 12), (0, 26))]
+    for lesion in lesions:
+        stock[lesion] += 0.8
+    stock[:, 31:34, :] = 100.0  # the table, one voxel below the body
+    view = ScreenerView(bbox=[(0, 24), (0, 40), (0, 40)], body=body, clahe=None)
+    model = ConstantPatchModel()
+    plain = body_anomaly_map(stock, view, model, step_size=0.5)
+    smoothed = body_anomaly_map(stock, view, model, step_size=0.5, smoothing=(2.0, 2.0, 2.0))
+    healthy = body & ~lesions[0] & ~lesions[1]
+    for lesion in lesions:
+        labels = np.concatenate([np.ones(lesion.sum()), np.zeros(healthy.sum())])
+        aurocs = [roc_auc_score(labels, np.concatenate([m[lesion], m[healthy]])) for m in (plain, smoothed)]
+        assert aurocs[0] < 0.8 < 0.97 < aurocs[1]
+    floor = smoothed[body].min()
+    assert np.all(smoothed[~body] == floor) and smoothed[body].max() < 7  # no table in the body's rim
+    assert np.array_equal(body_anomaly_map(stock, view, model, step_size=0.5, smoothing=None), plain)
+
+
+def test_map_smoothing_is_given_in_mm_of_the_plans_spacing():
+    configuration_manager = types.SimpleNamespace(spacing=[2.5, 2.0, 2.0])
+    assert map_smoothing_sigma(4.0, configuration_manager) == (1.6, 2.0, 2.0)
+    assert map_smoothing_sigma(0.0, configuration_manager) is None  # the map as the model gives it
+    with pytest.raises(ScreenerInputError, match='>= 0 mm'):
+        map_smoothing_sigma(-1.0, configuration_manager)
+
+
 def test_preset_overrides_set_steps_clahe_and_the_conditions():
     preset = get_preset('tiny:steps=900,clahe=0.01,median=5')
     assert [preset[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [900] * 3
@@ -125,6 +164,14 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert get_preset('tiny')['density']['model'] == 'conditional_gaussian'
     with pytest.raises(ScreenerInputError, match=r'density=<gaussian\|conditional_gaussian\|'):
         get_preset('cpu:density=glow')
+    # smooth= sets the smoothing of the exported maps; cpu plans 4 mm, the others the paper's map (no key)
+    assert get_preset('cpu')['map_smoothing_mm'] == 4.0 and get_preset('cpu:smooth=0')['map_smoothing_mm'] == 0.0
+    assert not any('map_smoothing_mm' in get_preset(p) for p in ('tiny', 'default', 'cpu_wide'))
+    with pytest.raises(ScreenerInputError, match='smooth=<mm >= 0>'):
+        get_preset('cpu:smooth=-2')
+    from nnscreener.training.stage_runs import stage_settings  # inference only: --c retrains no stage for it
+    assert all(stage_settings(get_preset('cpu'), b) == stage_settings(get_preset('cpu:smooth=0'), b)
+               for b in ('ssl', 'density', 'distillation'))
     # the paper's conditions by default, with plans as they were before the option existed (no key)
     assert not any(key in get_preset(p)['density'] for p in ('tiny', 'cpu', 'default', 'cpu:median=1,leaveout=0')
                    for key in ('condition_median', 'condition_leave_out', 'condition_leave_out_centred'))

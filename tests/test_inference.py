@@ -20,6 +20,7 @@ from nnscreener.inference.anomaly_maps import (case_name, map_to_input_geometry,
 from nnscreener.inference.overlays import save_overlay_png
 from nnscreener.inference.sliding_window import sliding_window_anomaly_map, sliding_window_anomaly_maps
 from nnscreener.planners.screener_planner import CONFIGURATION
+from nnscreener.preprocessing.body import body_mask_of_image
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.utilities.errors import ScreenerInputError
 
@@ -229,6 +230,33 @@ def test_predict_writes_maps_scores_overlays_and_continues(plans, tmp_path):
     assert len(model.calls) > calls
     assert_same_geometry(sitk.ReadImage(str(out / 'case1.nii.gz')),
                          sitk.ReadImage(str(raw / 'imagesTr' / 'case1_0000.nii.gz')))
+
+
+def test_predict_smooths_inside_the_body_and_redoes_maps_of_another_smoothing(plans, tmp_path):
+    """The plans' `map_smoothing_mm` (tiny: none) or predict's override: a smoothed map softens the sphere's edge,
+    keeps the room at the map's floor, and is recorded, so --c keeps it only for the same smoothing."""
+    plans_manager, configuration_manager, dataset_json, raw = plans
+    model = identity_model(configuration_manager.patch_size)
+    args = (str(raw / 'imagesTr'),)
+    rest = (model, plans_manager, configuration_manager, dataset_json)
+    predict_anomaly_maps(*args, str(tmp_path / 'plain'), *rest)
+    predict_anomaly_maps(*args, str(tmp_path / 'smooth'), *rest, smoothing_mm=6.0)
+    manifests = [load_json(str(tmp_path / f / 'nnscreener_manifest.json'))['predictions']['model']
+                 for f in ('plain', 'smooth')]
+    assert 'map_smoothing_mm' not in manifests[0] and manifests[1]['map_smoothing_mm'] == 6.0
+    image = sitk.ReadImage(str(raw / 'imagesTr' / 'case0_0000.nii.gz'))
+    body = body_mask_of_image(image)
+    plain, smooth = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / 'case0.nii.gz')))
+                     for f in ('plain', 'smooth'))
+    steepest = [np.abs(np.diff(m, axis=2))[body[:, :, 1:] & body[:, :, :-1]].max() for m in (plain, smooth)]
+    assert steepest[1] < 0.5 * steepest[0]  # the sphere's edge, spread over the Gaussian
+    assert np.mean(smooth[~body] == smooth.min()) > 0.95  # the room holds the floor (its rim follows the resampling)
+    calls = len(model.calls)
+    predict_anomaly_maps(*args, str(tmp_path / 'smooth'), *rest, continue_=True, smoothing_mm=6.0)
+    assert len(model.calls) == calls  # the same smoothing: kept
+    predict_anomaly_maps(*args, str(tmp_path / 'smooth'), *rest, continue_=True, smoothing_mm=0.0)
+    assert len(model.calls) > calls  # another one: redone, as the map without smoothing
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'smooth' / 'case0.nii.gz'))), plain)
 
 
 def test_predict_input_errors(plans, tmp_path):

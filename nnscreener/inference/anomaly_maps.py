@@ -15,6 +15,7 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from scipy import ndimage
 from tqdm import tqdm
 
 from nnscreener.inference.manifest import PredictionRun
@@ -208,29 +209,67 @@ def case_name(path: str) -> str:
 
 
 def body_anomaly_map(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyModel, step_size: float = 0.5,
-                     batch_size: int = 4) -> np.ndarray:
+                     batch_size: int = 4, smoothing: Optional[Sequence[float]] = None) -> np.ndarray:
     """Sliding-window map of the body only: the windows run over the body box the Screener cache trained on (the
     paper crops every CT to the body), and every voxel outside the body mask gets the body's minimum ("least
-    anomalous"): the models never saw the table or the room, whose features are out of distribution."""
+    anomalous"): the models never saw the table or the room, whose features are out of distribution.
+    smoothing: Gaussian sigma (z, y, x voxels) of `smooth_body_map`; None = the map as the model gives it."""
     clahe = view.clahe if view.clahe is not None else stock[view.slicer]
     return _body_only(sliding_window_anomaly_map(stock[view.slicer], clahe, model, step_size, batch_size), view,
-                      stock.shape)
+                      stock.shape, smoothing)
 
 
 def body_anomaly_maps(stock: np.ndarray, view: ScreenerView, model: PatchAnomalyModel, step_size: float = 0.5,
-                      batch_size: int = 4) -> np.ndarray:
+                      batch_size: int = 4, smoothing: Optional[Sequence[float]] = None) -> np.ndarray:
     """`body_anomaly_map` of a model with C maps per patch (`sliding_window_anomaly_maps`) -> (C, z, y, x)."""
     clahe = view.clahe if view.clahe is not None else stock[view.slicer]
     box_maps = sliding_window_anomaly_maps(stock[view.slicer], clahe, model, step_size, batch_size)
-    return np.stack([_body_only(box_map, view, stock.shape) for box_map in box_maps])
+    return np.stack([_body_only(box_map, view, stock.shape, smoothing) for box_map in box_maps])
 
 
-def _body_only(box_map: np.ndarray, view: ScreenerView, shape) -> np.ndarray:
-    """The body box's map in a volume of `shape`, every voxel outside the body at the body's minimum."""
+def _body_only(box_map: np.ndarray, view: ScreenerView, shape, smoothing: Optional[Sequence[float]]) -> np.ndarray:
+    """The body box's map in a volume of `shape`, every voxel outside the body at the body's minimum, then smoothed
+    by `smooth_body_map` if `smoothing` is given."""
     floor = box_map[view.body].min() if view.body.any() else box_map.min()
     anomaly_map = np.full(shape, floor, dtype=np.float32)
     anomaly_map[view.slicer] = np.where(view.body, box_map, floor)
-    return anomaly_map
+    if smoothing is None:
+        return anomaly_map
+    body = np.zeros(shape, bool)
+    body[view.slicer] = view.body
+    return smooth_body_map(anomaly_map, body, smoothing)
+
+
+def smooth_body_map(body_map: np.ndarray, body: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
+    """A whole volume's body-only map (the body's minimum outside the body) smoothed by a Gaussian of `sigma` voxels;
+    outside the body the smoothed body's minimum again.
+
+    Why: one pooled cell's density score is noisy, and a lesion spans several cells, so averaging over a few mm
+    ranks lesions above healthy tissue more often (anomalib blurs its maps for the same reason). The minimum outside
+    the body is smoothed in, which pulls the skin's rim, where the windows saw room air, towards "least anomalous".
+    Beyond the volume's faces the body goes on (a scan ends inside the patient), so the faces extend the map
+    ('nearest') instead of pulling a lesion in the first or last slice down."""
+    smoothed = ndimage.gaussian_filter(body_map.astype(np.float32), sigma, mode='nearest')
+    floor = smoothed[body].min() if body.any() else smoothed.min()
+    return np.where(body, smoothed, floor).astype(np.float32, copy=False)
+
+
+def map_smoothing_sigma(smoothing_mm: float, configuration_manager: ConfigurationManager) -> Optional[tuple]:
+    """A Gaussian sigma in mm -> (z, y, x) voxels of the plans' spacing, the grid maps are computed on; 0 -> None."""
+    if smoothing_mm < 0:
+        raise ScreenerInputError(f'map smoothing must be >= 0 mm, got {smoothing_mm}')
+    return tuple(smoothing_mm / s for s in configuration_manager.spacing) if smoothing_mm > 0 else None
+
+
+def planned_map_smoothing(plans_manager: PlansManager) -> float:
+    """The plans' `screener.map_smoothing_mm` (0 for plans from before it existed: the map as the model gives it)."""
+    return ScreenerSettings.from_plans(plans_manager.plans).map_smoothing_mm
+
+
+def map_identity(model_identity: dict, step_size: float, smoothing_mm: float) -> dict:
+    """What makes a map this run's in the predict manifest: the model, the step size and the smoothing (absent when
+    0, so the maps of a model that does not smooth keep the identity they had before the option existed)."""
+    return {**model_identity, 'step_size': step_size, **({'map_smoothing_mm': smoothing_mm} if smoothing_mm else {})}
 
 
 def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], output_folder: str,
@@ -238,13 +277,15 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
                          configuration_manager: ConfigurationManager, dataset_json: dict, step_size: float = 0.5,
                          batch_size: int = 4, overlays: int = 0, continue_: bool = False,
                          model_name: Optional[str] = None, reference_folder: Optional[str] = None,
-                         model_identity: Optional[dict] = None, allow_non_hu: bool = False) -> List[dict]:
+                         model_identity: Optional[dict] = None, allow_non_hu: bool = False,
+                         smoothing_mm: Optional[float] = None) -> List[dict]:
     """Anomaly map `<case>.nii.gz` for every CT, plus `scores.csv` / `scores.json` and, for the `overlays`
     highest-scoring scans, `overlays/<case>.png`. Returns the score records. The overlays are titled
     '<case> - <model_name>' and show the contour of `reference_folder/<case>.nii.gz` where that mask exists.
 
     The output folder must be new or hold only files of nnscreener (`check_output_folder`); its manifest records
-    `model_identity` (default: the model name) with the step size, the inputs and their maps (`PredictionRun`).
+    `model_identity` (default: the model name) with the step size (and the smoothing, if any), the inputs and their
+    maps (`PredictionRun`). smoothing_mm: Gaussian sigma of `smooth_body_map`; None = the plans' `map_smoothing_mm`.
     Fails fast: the first unreadable or invalid CT (`check_ct_image`, with `allow_non_hu`) stops the run with one
     line naming the file. Maps already written stay; `continue_` keeps the maps the manifest lists as this model's
     map of the same input (their scores are recomputed from them) and recomputes the others.
@@ -254,12 +295,15 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
     cases = find_ct_files(input_files_or_folder)
     with output_folder_lock(output_folder, (OVERLAY_FOLDER,)):
         manifest = check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
-        identity = {**(model_identity or {'model': model_name or type(model).__name__}), 'step_size': step_size}
+        smoothing_mm = planned_map_smoothing(plans_manager) if smoothing_mm is None else smoothing_mm
+        smoothing = map_smoothing_sigma(smoothing_mm, configuration_manager)
+        identity = map_identity(model_identity or {'model': model_name or type(model).__name__}, step_size,
+                                smoothing_mm)
         outputs = {case: case + MAP_ENDING for case in cases}
         run = PredictionRun(output_folder, manifest, cases, outputs, identity, continue_)
         run.claim((SCORES_CSV, SCORES_JSON))
         records = [_case_map_and_scores(case, image_file, run, model, plans_manager, configuration_manager,
-                                        dataset_json, step_size, batch_size, allow_non_hu)
+                                        dataset_json, step_size, batch_size, allow_non_hu, smoothing)
                    for case, image_file in tqdm(cases.items(), desc=f'anomaly maps ({model_name or "model"})')]
         save_scores(records, output_folder)
         _save_overlays(sorted(records, key=lambda r: -r['scan_score'])[:overlays], run, reference_folder, model_name)
@@ -268,7 +312,8 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
 
 def _case_map_and_scores(case: str, image_file: str, run: PredictionRun, model: PatchAnomalyModel,
                          plans_manager: PlansManager, configuration_manager: ConfigurationManager, dataset_json: dict,
-                         step_size: float, batch_size: int, allow_non_hu: bool) -> dict:
+                         step_size: float, batch_size: int, allow_non_hu: bool,
+                         smoothing: Optional[tuple]) -> dict:
     """The case's map (kept if `run` vouches for the existing one, else computed and written) -> its score record."""
     image = read_image(image_file)
     check_ct_image(image, image_file, allow_non_hu=allow_non_hu)
@@ -277,7 +322,7 @@ def _case_map_and_scores(case: str, image_file: str, run: PredictionRun, model: 
     if map_raw is None:
         stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json,
                                                       with_clahe=getattr(model, 'uses_clahe', True))
-        anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size)
+        anomaly_map = body_anomaly_map(stock, view, model, step_size, batch_size, smoothing)
         map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
         write_anomaly_map(map_raw, image, map_file)
         run.record_map(case, run.outputs[case])

@@ -253,7 +253,7 @@ def _check_same_model(ours: dict, theirs: dict, what: str) -> None:
         keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ScreenerInputError(f'{what} were made by another model or setting (differs in: {", ".join(keys)}): '
                                  f'scores are only comparable within one model; predict them with the same -d, '
-                                 f'--model, --density_trainer and --step_size')
+                                 f'--model, --density_trainer, --step_size and --smoothing_mm')
 
 
 def _lps_ct_and_maps(record: dict, folder: str, *images: sitk.Image) -> List[sitk.Image]:

@@ -16,7 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from nnscreener.inference.anomaly_maps import (MAP_ENDING, OVERLAY_FOLDER, body_anomaly_maps, find_ct_files,
-                                               map_to_input_geometry, preprocess_ct_image, write_anomaly_map)
+                                               map_identity, map_smoothing_sigma, map_to_input_geometry,
+                                               planned_map_smoothing, preprocess_ct_image, write_anomaly_map)
 from nnscreener.inference.manifest import PredictionRun
 from nnscreener.density.modular_screener import DensityPatchModel
 from nnscreener.inference.predict import predict
@@ -69,7 +70,8 @@ class DensityVariantsPatchModel:
 def predict_density_variants(input_path: Union[str, Sequence[str]], output_folders: Dict[Optional[str], str],
                              dataset, device: str = 'cuda', step_size: float = 0.5, batch_size: int = 4,
                              overlays: int = 0, continue_: bool = False, reference_folder: str = None,
-                             allow_non_hu: bool = False) -> Dict[Optional[str], List[dict]]:
+                             allow_non_hu: bool = False,
+                             smoothing_mm: float = None) -> Dict[Optional[str], List[dict]]:
     """`predict(input_path, folder, dataset, 'modular', ..., density_trainer=T)` for every `{T: folder}` of
     `output_folders` (T None: the default density stage); returns {T: its score records}.
 
@@ -87,25 +89,28 @@ def predict_density_variants(input_path: Union[str, Sequence[str]], output_folde
     name = dataset_name(dataset)
     cases = find_ct_files(input_path)
     models = {t: load_trained_model(name, 'modular', torch.device(device), t) for t in folders}
+    first = next(iter(models.values()))  # the variants share the plans
+    smoothing_mm = planned_map_smoothing(first.plans_manager) if smoothing_mm is None else smoothing_mm
     with ExitStack() as stack:
         runs = {}
         for t, folder in folders.items():
             stack.enter_context(output_folder_lock(folder, (OVERLAY_FOLDER,)))
             manifest = check_output_folder(folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
             runs[t] = PredictionRun(folder, manifest, cases, {case: case + MAP_ENDING for case in cases},
-                                    {**models[t].identity, 'step_size': step_size}, continue_)
-        first = next(iter(models.values()))  # the variants share the plans
+                                    map_identity(models[t].identity, step_size, smoothing_mm), continue_)
         _write_missing_maps(cases, runs, DensityVariantsPatchModel([m.patch_model for m in models.values()]),
-                            first.plans_manager, first.dataset_json, step_size, batch_size, allow_non_hu)
+                            first.plans_manager, first.dataset_json, step_size, batch_size, allow_non_hu,
+                            smoothing_mm)
     return {t: predict(input_path, folder, dataset, 'modular', device, step_size, batch_size, overlays, True, t,
-                       reference_folder, allow_non_hu) for t, folder in folders.items()}
+                       reference_folder, allow_non_hu, smoothing_mm=smoothing_mm) for t, folder in folders.items()}
 
 
 def _write_missing_maps(cases: Dict[str, str], runs: Dict[Optional[str], PredictionRun],
                         model: DensityVariantsPatchModel, plans_manager, dataset_json: dict, step_size: float,
-                        batch_size: int, allow_non_hu: bool) -> None:
+                        batch_size: int, allow_non_hu: bool, smoothing_mm: float) -> None:
     """Each case's maps of the variants whose run does not keep one: one preprocessing, one sliding window."""
     configuration_manager = plans_manager.get_configuration(CONFIGURATION)
+    smoothing = map_smoothing_sigma(smoothing_mm, configuration_manager)
     for case, image_file in tqdm(cases.items(), desc=f'anomaly maps ({len(runs)} density variants)'):
         missing = [t for t, run in runs.items() if case not in run.maps_to_keep]
         if not missing:
@@ -113,7 +118,7 @@ def _write_missing_maps(cases: Dict[str, str], runs: Dict[Optional[str], Predict
         image = read_image(image_file)
         check_ct_image(image, image_file, allow_non_hu=allow_non_hu)
         stock, view, properties = preprocess_ct_image(image, plans_manager, configuration_manager, dataset_json)
-        for t, anomaly_map in zip(runs, body_anomaly_maps(stock, view, model, step_size, batch_size)):
+        for t, anomaly_map in zip(runs, body_anomaly_maps(stock, view, model, step_size, batch_size, smoothing)):
             if t in missing:
                 map_raw = map_to_input_geometry(anomaly_map, properties, plans_manager, configuration_manager)
                 write_anomaly_map(map_raw, image, join(runs[t].folder, runs[t].outputs[case]))

@@ -113,6 +113,7 @@ class ScreenerSettings(_Block):
     preset: Optional[str] = None
     finetune_batch_size: int = 2
     clahe_clip_limit: float = LEGACY_CLAHE_CLIP_LIMIT
+    map_smoothing_mm: float = 0.0  # Gaussian sigma (mm) of the body-only anomaly map at export; 0 = the paper's map
     unet: str = DEFAULT_UNET
     screener_from: Optional[str] = None  # the dataset whose pretrained Screener these plans use
     gpu_memory: Optional[dict] = None  # the record of -gpu_memory_target's estimates

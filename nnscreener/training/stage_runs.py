@@ -24,8 +24,8 @@ RUN_FILE = 'nnscreener_run.json'
 FINAL, LATEST = 'checkpoint_final.pth', 'checkpoint_latest.pth'
 STAGE_BLOCKS = ('ssl', 'density', 'distillation')  # per-stage blocks of the plans' `screener` block
 # settings that do not change what a stage learns: a label, how often it checkpoints, nnU-Net's fine-tuning, the
-# record of the memory estimate (what it changes, the batch sizes, is compared)
-NOT_TRAINING_SETTINGS = ('preset', 'checkpoint_every', 'finetune_batch_size', 'gpu_memory')
+# record of the memory estimate (what it changes, the batch sizes, is compared), the smoothing of exported maps
+NOT_TRAINING_SETTINGS = ('preset', 'checkpoint_every', 'finetune_batch_size', 'gpu_memory', 'map_smoothing_mm')
 
 
 class StageRun(NamedTuple):
