@@ -197,9 +197,12 @@ def planted_section(result: dict) -> list:
     settings = result['settings']
     lines = ['### Planted lesion: does a map answer a lesion where it is? (`planted_lesion.json`)', '',
              f"A {settings['sphere']} sphere planted in the soft tissue of {settings['cases']} test phantoms, models of "
-             f"the phantom benchmark's runs {settings['tags']}. {machine_line(settings['machine'])}. Rise = the "
+             f"the phantom benchmark's runs {settings['tags']}"
+             + (f" (preset `{settings['preset']}`, maps as nnScreener_predict writes them)" if 'preset' in settings
+                else '') + f". {machine_line(settings['machine'])}. Rise = the "
              f"sphere's mean map minus that of the same voxels without it, in sds of the body's map; body below = "
-             f"share of the body outside the sphere scoring below the sphere's mean (1: the top finding).", '',
+             f"share of the body outside the sphere scoring below the sphere's mean (1: the top finding). "
+             f"{settings.get('note', '')}", '',
              '| method | cases with a rise | rise (body sds) | body below the sphere |', '|---|---|---|---|']
     for row in result['methods'].values():
         lines.append(f"| {row['method']} | {row['share_of_cases_with_a_rise']:.0%} of {row['n']} | "
@@ -387,6 +390,7 @@ def main():
     head = text.split(MARKER)[0].rstrip() + '\n\n' + MARKER + '\n\n'
     lines = ['## Measured (generated)', '']
     for name, section in (('phantom_quality.json', lambda r: phantom_section(r, headline=True)),
+                          ('phantom_quality_cpu_unsmoothed.json', phantom_section),
                           ('phantom_quality_cpu_median5.json', phantom_section),
                           ('phantom_quality_cpu_ab_paper.json', phantom_section),
                           ('phantom_quality_cpu_leaveout2.json', phantom_section),
@@ -402,6 +406,7 @@ def main():
                                                           'distillation 4x longer on the headline\'s other stages '
                                                           '(10800 steps, what `cpu` now plans)')),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
+                          ('condition_oracle_cpu_flow.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),
                           ('condition_probes.json', probes_section),
                           ('quality_vs_compute.json', curve_section),

@@ -15,12 +15,15 @@ from os.path import isfile, join
 
 import numpy as np
 import SimpleITK as sitk
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.inference.predict import predict
 from nnscreener.phantoms.planted import plant_sphere
+from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME
+from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.stages import stage_checkpoint
 from nnscreener.utilities.io import atomic_save_json
-from phantom_benchmark import METHOD_IDS, METHODS, slug
+from phantom_benchmark import METHOD_IDS, METHODS, label, slug
 from world import TARGET, TARGET_NAME, machine, mean_sd, use_results, use_work_folder
 
 NOT_TRAINED = ('Baseline: local contrast',)  # no model: the same map for every tag
@@ -59,6 +62,8 @@ def main():
     parser.add_argument('--results_json', default=None, help='also write the summary here')
     args = parser.parse_args()
     use_work_folder(args.work)
+    plans = load_json(join(os.environ['nnUNet_preprocessed'], TARGET_NAME, SCREENER_PLANS_NAME + '.json'))
+    preset = ScreenerSettings.from_plans(plans).preset  # names the default Screener row after its density model
     images = sorted(glob.glob(join(os.environ['nnUNet_raw'], TARGET_NAME, 'imagesTr', '*_0000.nii.gz')))[:args.cases]
     results = {}
     use_results(args.work, args.tags[0])
@@ -67,13 +72,13 @@ def main():
         for tag in args.tags[:1] if method in NOT_TRAINED else args.tags:
             use_results(args.work, tag)
             rows += [score_case(image, args.work, tag, method) for image in images]
-        results[METHOD_IDS[method]] = {'method': method, 'n': len(rows),
+        results[METHOD_IDS[method]] = {'method': label(method, preset), 'n': len(rows),
                                        'share_of_cases_with_a_rise': float(np.mean([r['rise'] > 0 for r in rows])),
                                        **{k: mean_sd([r[k] for r in rows]) for k in rows[0]}}
         print(f"{method}: rise in {results[METHOD_IDS[method]]['share_of_cases_with_a_rise']:.0%} of {len(rows)}, "
               f"body below sphere {results[METHOD_IDS[method]]['body_below_sphere']}", flush=True)
-    summary = {'settings': {'work': args.work, 'tags': args.tags, 'cases': args.cases, 'sphere': '-500 HU, 6 mm radius',
-                            'machine': machine()}, 'methods': results}
+    summary = {'settings': {'work': args.work, 'preset': preset, 'tags': args.tags, 'cases': args.cases,
+                            'sphere': '-500 HU, 6 mm radius', 'machine': machine()}, 'methods': results}
     atomic_save_json(summary, join(args.work, 'planted_lesion.json'))
     if args.results_json:
         atomic_save_json(summary, args.results_json)
