@@ -230,7 +230,7 @@ def body_anomaly_maps(stock: np.ndarray, view: ScreenerView, model: PatchAnomaly
 def _body_only(box_map: np.ndarray, view: ScreenerView, shape, smoothing: Optional[Sequence[float]]) -> np.ndarray:
     """The body box's map in a volume of `shape`, every voxel outside the body at the body's minimum, then smoothed
     by `smooth_body_map` if `smoothing` is given."""
-    floor = box_map[view.body].min() if view.body.any() else box_map.min()
+    floor = _body_minimum(box_map, view.body)
     anomaly_map = np.full(shape, floor, dtype=np.float32)
     anomaly_map[view.slicer] = np.where(view.body, box_map, floor)
     if smoothing is None:
@@ -250,8 +250,12 @@ def smooth_body_map(body_map: np.ndarray, body: np.ndarray, sigma: Sequence[floa
     Beyond the volume's faces the body goes on (a scan ends inside the patient), so the faces extend the map
     ('nearest') instead of pulling a lesion in the first or last slice down."""
     smoothed = ndimage.gaussian_filter(body_map.astype(np.float32), sigma, mode='nearest')
-    floor = smoothed[body].min() if body.any() else smoothed.min()
-    return np.where(body, smoothed, floor).astype(np.float32, copy=False)
+    return np.where(body, smoothed, _body_minimum(smoothed, body)).astype(np.float32, copy=False)
+
+
+def _body_minimum(anomaly_map: np.ndarray, body: np.ndarray) -> float:
+    """The least anomalous body voxel's score (the whole map's minimum where there is no body)."""
+    return anomaly_map[body].min() if body.any() else anomaly_map.min()
 
 
 def map_smoothing_sigma(smoothing_mm: float, configuration_manager: ConfigurationManager) -> Optional[tuple]:
@@ -261,9 +265,10 @@ def map_smoothing_sigma(smoothing_mm: float, configuration_manager: Configuratio
     return tuple(smoothing_mm / s for s in configuration_manager.spacing) if smoothing_mm > 0 else None
 
 
-def planned_map_smoothing(plans_manager: PlansManager) -> float:
-    """The plans' `screener.map_smoothing_mm` (0 for plans from before it existed: the map as the model gives it)."""
-    return ScreenerSettings.from_plans(plans_manager.plans).map_smoothing_mm
+def map_smoothing_mm(plans_manager: PlansManager, asked: Optional[float] = None) -> float:
+    """The smoothing asked for, else the plans' `screener.map_smoothing_mm` (0 for plans from before it existed: the
+    map as the model gives it)."""
+    return ScreenerSettings.from_plans(plans_manager.plans).map_smoothing_mm if asked is None else asked
 
 
 def map_identity(model_identity: dict, step_size: float, smoothing_mm: float) -> dict:
@@ -295,7 +300,7 @@ def predict_anomaly_maps(input_files_or_folder: Union[str, Sequence[str]], outpu
     cases = find_ct_files(input_files_or_folder)
     with output_folder_lock(output_folder, (OVERLAY_FOLDER,)):
         manifest = check_output_folder(output_folder, (), only_ours=True, subfolders=(OVERLAY_FOLDER,))
-        smoothing_mm = planned_map_smoothing(plans_manager) if smoothing_mm is None else smoothing_mm
+        smoothing_mm = map_smoothing_mm(plans_manager, smoothing_mm)
         smoothing = map_smoothing_sigma(smoothing_mm, configuration_manager)
         identity = map_identity(model_identity or {'model': model_name or type(model).__name__}, step_size,
                                 smoothing_mm)

@@ -4,8 +4,7 @@ import os
 
 import torch
 
-from nnscreener.inference.anomaly_maps import (OVERLAY_FOLDER, map_identity, planned_map_smoothing,
-                                               predict_anomaly_maps)
+from nnscreener.inference.anomaly_maps import OVERLAY_FOLDER, map_identity, map_smoothing_mm, predict_anomaly_maps
 from nnscreener.inference.findings import (FindingsSettings, add_findings_arguments, findings_settings,
                                            resolve_reference, write_findings_report)
 from nnscreener.inference.trained_model import MODEL_KINDS, load_trained_model
@@ -32,7 +31,7 @@ def predict(input_path, output_folder: str, dataset, model: str = 'modular', dev
     name = dataset_name(dataset)
     trained = load_trained_model(name, model, torch.device(device), density_trainer)
     model_name = model if model != 'modular' or density_trainer is None else f'{model} ({density_trainer})'
-    smoothing_mm = planned_map_smoothing(trained.plans_manager) if smoothing_mm is None else smoothing_mm
+    smoothing_mm = map_smoothing_mm(trained.plans_manager, smoothing_mm)
     reference = resolve_reference(findings, map_identity(trained.identity, step_size, smoothing_mm)) \
         if findings else None
     records = predict_anomaly_maps(input_path, output_folder, trained.patch_model, trained.plans_manager,

@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from nnscreener.inference.anomaly_maps import (MAP_ENDING, OVERLAY_FOLDER, body_anomaly_maps, find_ct_files,
-                                               map_identity, map_smoothing_sigma, map_to_input_geometry,
-                                               planned_map_smoothing, preprocess_ct_image, write_anomaly_map)
+                                               map_identity, map_smoothing_mm, map_smoothing_sigma,
+                                               map_to_input_geometry, preprocess_ct_image, write_anomaly_map)
 from nnscreener.inference.manifest import PredictionRun
 from nnscreener.density.modular_screener import DensityPatchModel
 from nnscreener.inference.predict import predict
@@ -90,7 +90,7 @@ def predict_density_variants(input_path: Union[str, Sequence[str]], output_folde
     cases = find_ct_files(input_path)
     models = {t: load_trained_model(name, 'modular', torch.device(device), t) for t in folders}
     first = next(iter(models.values()))  # the variants share the plans
-    smoothing_mm = planned_map_smoothing(first.plans_manager) if smoothing_mm is None else smoothing_mm
+    smoothing_mm = map_smoothing_mm(first.plans_manager, smoothing_mm)
     with ExitStack() as stack:
         runs = {}
         for t, folder in folders.items():
