@@ -160,6 +160,30 @@ def run_rows(runs: list) -> list:
     return lines + ['']
 
 
+def paired_ab_section(title: str, arms: tuple) -> list:
+    """Arms of an A/B on one phantom world, one row each: modular and distilled body AUROC, mean ± sd and per seed
+    (paired across the arms by training seed), AUROC@FPR0.3 and the distilled UNet's distance to its teacher."""
+    lines = [f'### {title}', '', '| arm | preset | modular AUROC | per seed | AUROC@FPR0.3 | distilled AUROC | per seed | '
+             'distilled - modular |', '|---' * 8 + '|']
+    commands = []
+    for arm, name in arms:
+        result = load(name)
+        if result is None:
+            lines.append(f'| {arm} | `{name}`: not measured yet |' + ' |' * 6)
+            continue
+        modular, distilled = (result['methods'][k]['all'] for k in ('screener', 'screener_distilled'))
+        lines.append(f"| {arm} | `{result['preset']}` | {f3_sd(modular, 'auroc_body')} | {per_seed(modular)} | "
+                     f"{f3_sd(modular, 'auroc_fpr03_body')} | {f3_sd(distilled, 'auroc_body')} | {per_seed(distilled)} | "
+                     f"{distilled['auroc_body'] - modular['auroc_body']:+.3f} |")
+        commands.append(f"{arm} (`{name}`, seeds {result['seeds']}): {machine_line(result['settings']['machine'])}. "
+                        f"{result['settings'].get('preset_note', '')}")
+    return lines + [''] + [f'- {c}' for c in commands] + ['']
+
+
+def per_seed(row: dict) -> str:
+    return ' / '.join(f3(v) for v in row.get('auroc_body_per_seed', [])) or '-'
+
+
 def curve_section(result: dict) -> list:
     lines = ['### Quality against compute (`quality_vs_compute.json`)', '',
              f"{machine_line(result['machine'])}. {result['n_pretrain']} pretraining / {result['n_test']} test "
@@ -405,6 +429,18 @@ def main():
                            partial(phantom_section, title='preset `cpu:diststeps=10800`, distillation A/B: the '
                                                           'distillation 4x longer on the headline\'s other stages '
                                                           '(10800 steps, what `cpu` now plans)')),
+                          ('phantom_quality_cpu_leaveout2_smooth4.json',
+                           lambda r: paired_ab_section(
+                               'Leave-out conditions on the headline world (`cpu:leaveout=2`, maps smoothed by 4 mm)',
+                               (('the headline: the paper\'s conditions', 'phantom_quality.json'),
+                                ('leave-out cells of 2 mask blocks', 'phantom_quality_cpu_leaveout2_smooth4.json')))),
+                          ('phantom_quality_demo.json',
+                           lambda r: paired_ab_section(
+                               'The demo\'s preset: `tiny` trained 900 steps, maps smoothed by 4 mm (`demo`)',
+                               (('`tiny` (the tests\' preset)', 'phantom_quality_tiny.json'),
+                                ('`tiny`, maps smoothed by 4 mm', 'phantom_quality_tiny_smooth4.json'),
+                                ('`tiny` trained 900 steps', 'phantom_quality_tiny_steps900.json'),
+                                ('both: `demo`', 'phantom_quality_demo.json')))),
                           ('condition_oracle.json', oracle_section), ('condition_oracle_median5.json', oracle_section),
                           ('condition_oracle_cpu_flow.json', oracle_section),
                           ('condition_ab_seed0.json', condition_ab_section),

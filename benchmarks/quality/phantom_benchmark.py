@@ -199,13 +199,16 @@ def label(method: str, preset: str) -> str:
 
 def results_json(table: dict, settings: dict, per_seed: dict) -> dict:
     """benchmarks/results/phantom_quality.json: means (and `<metric>_sd`, sample sd) over the seeds scored so far,
-    body-only, keyed as the issue asks."""
+    body-only, keyed as the issue asks; the body AUROC of each seed too, in the order of `seeds`, since A/Bs on the
+    same world are read seed by seed."""
     methods = {}
     for method, groups in table.items():
         key = RESULT_KEYS.get(method) or METHODS[method][1]
         methods[key] = {('all' if g == ALL_LESIONS else g): {
             **{METRICS[m][1]: stats[m]['mean'] for m in METRICS},
-            **{METRICS[m][1] + '_sd': stats[m]['sd'] for m in METRICS}} for g, stats in groups.items()}
+            **{METRICS[m][1] + '_sd': stats[m]['sd'] for m in METRICS},
+            'auroc_body_per_seed': [per_seed[s]['methods'][method][g]['auroc'] for s in sorted(per_seed)]}
+            for g, stats in groups.items()}
         methods[key]['method'] = label(method, settings['preset'])
     agreement = [r['distilled_vs_modular']['pearson_r_pooled'] for r in per_seed.values() if 'distilled_vs_modular' in r]
     return {'preset': settings['preset'], 'seeds': sorted(per_seed), 'methods': methods,
