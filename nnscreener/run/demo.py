@@ -1,4 +1,4 @@
-"""`nnScreener_demo`: the whole Screener pipeline at tiny scale on generated CT phantoms.
+"""`nnScreener_demo`: the whole Screener pipeline at tiny scale (the `demo` preset) on generated CT phantoms.
 
 phantoms -> plan and preprocess -> pretrain (descriptor, condition, density, distillation) -> anomaly maps and their
 evaluation -> low-shot fine-tuning from the distilled UNet vs from scratch -> Wilcoxon comparison. Everything is
@@ -44,7 +44,7 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
         make_phantom_datasets(TARGET, PRETRAIN, num_labeled, num_unlabeled, preset='tiny', seed=0,
                               num_processes=num_processes)
     steps.start('planning and preprocessing (nnScreenerPlans, Screener cache with CLAHE)')
-    plan_and_preprocess(TARGET, [PRETRAIN], preset='tiny', num_processes=num_processes, continue_=True)
+    plan_and_preprocess(TARGET, [PRETRAIN], preset='demo', num_processes=num_processes, continue_=True)
     steps.start('pretraining: descriptor -> condition -> density -> distillation')
     pretrain(TARGET, device=device, continue_=True)
     steps.start('unsupervised anomaly maps of the labeled phantoms, and their evaluation')
@@ -69,9 +69,8 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
 class _Steps:
     """The demo's progress line: step k/6 with the time so far and an estimate of the time left, from the share of
     the demo's time each step took in a measured run."""
-    # measured 2026-12-01 (-device cpu, 2 CPU cores shared with other jobs: 17 s, 106 s, 79 s, 91 s, 1402 s, 1 s);
-    # fine-tuning's share is that of a busy machine, where nnU-Net's validation starts slowly
-    SHARES = (0.01, 0.06, 0.05, 0.05, 0.83, 0.0)
+    # measured 2026-12-07 with the `demo` preset (-device cpu, 2 idle CPU cores: 6 s, 33 s, 255 s, 29 s, 203 s, 0 s)
+    SHARES = (0.01, 0.06, 0.49, 0.06, 0.38, 0.0)
 
     def __init__(self):
         self.t0, self.k = time.time(), 0
