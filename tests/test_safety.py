@@ -479,3 +479,20 @@ def test_the_descriptor_stays_finished_when_only_the_condition_models_masking_ch
     assert plan_stage_run(str(tmp_path), 'ssl', longer, True, nnScreenerDescriptorTrainer.settings_not_learned).finished
     with pytest.raises(ScreenerInputError, match='ssl.condition_num_steps'):
         plan_stage_run(str(tmp_path), 'ssl', longer, True, nnScreenerConditionTrainer.settings_not_learned)
+
+
+def test_demo_refuses_a_folder_of_an_earlier_demo_before_touching_it(tmp_path, monkeypatch, capsys):
+    """A demo folder planned `tiny` (nnscreener before the `demo` preset): resuming would re-plan it and lengthen its
+    trained stages, so the demo stops with one line and leaves every file of it as it was."""
+    from nnscreener.run.demo import TARGET_NAME, demo_entry
+    folder = tmp_path / 'nnscreener_demo'
+    use_fresh_nnunet_folders(folder, monkeypatch)  # run_demo sets these itself; monkeypatch restores them after
+    plans = folder / 'nnUNet_preprocessed' / TARGET_NAME / 'nnScreenerPlans.json'
+    plans.parent.mkdir(parents=True)
+    plans.write_text(json.dumps({'plans_name': 'nnScreenerPlans', 'screener': {'preset': 'tiny'}}))
+    before = folder_digest(folder)
+    assert run_cli(monkeypatch, demo_entry, '-o', folder, '-device', 'cpu') == 2
+    line = one_line_error(capsys)
+    assert "'tiny'" in line and "'demo'" in line and '-o' in line
+    assert folder_digest(folder) == before
+    assert not (folder / 'nnUNet_raw' / TARGET_NAME).exists(), 'no phantoms may be generated'

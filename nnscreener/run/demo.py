@@ -7,9 +7,10 @@ demo never touches a user's data; re-running it resumes where it stopped.
 """
 import os
 import time
-from os.path import isdir, join
+from os.path import isdir, isfile, join
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.evaluation.compare import compare_trainers, markdown_table
 from nnscreener.evaluation.evaluate import evaluate_anomaly_maps, map_agreement
@@ -23,10 +24,12 @@ from nnscreener.run.pretrain import pretrain
 from nnscreener.training.stages import stage_checkpoint
 from nnscreener.utilities.cli import add_device_argument, argument_parser
 from nnscreener.utilities.console import progress_bar
-from nnscreener.utilities.errors import exit_on_input_error
+from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
+from nnscreener.utilities.paths import preprocessed_dataset_folder
 
 TARGET, PRETRAIN = 501, 500
 TARGET_NAME = 'Dataset501_ScreenerPhantomLesions'
+PRESET = 'demo'
 FINETUNE, FROM_SCRATCH = 'nnScreenerFinetuneTrainer_tiny', 'nnScreenerFromScratchTrainer_tiny'
 LEARNED_DICE = 0.1  # mean Dice from scratch from which the demo shows the paired test of the two arms
 
@@ -37,6 +40,7 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
         os.environ[k] = os.path.abspath(join(folder, k))
         os.makedirs(os.environ[k], exist_ok=True)
     os.environ.setdefault('nnUNet_compile', 'false')
+    _refuse_other_preset(folder)
     raw = join(os.environ['nnUNet_raw'], TARGET_NAME)
     steps = _Steps()
     steps.start('generating CT phantoms')
@@ -44,7 +48,7 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
         make_phantom_datasets(TARGET, PRETRAIN, num_labeled, num_unlabeled, preset='tiny', seed=0,
                               num_processes=num_processes)
     steps.start('planning and preprocessing (nnScreenerPlans, Screener cache with CLAHE)')
-    plan_and_preprocess(TARGET, [PRETRAIN], preset='demo', num_processes=num_processes, continue_=True)
+    plan_and_preprocess(TARGET, [PRETRAIN], preset=PRESET, num_processes=num_processes, continue_=True)
     steps.start('pretraining: descriptor -> condition -> density -> distillation')
     pretrain(TARGET, device=device, continue_=True)
     steps.start('unsupervised anomaly maps of the labeled phantoms, and their evaluation')
@@ -64,6 +68,17 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
           f'To use its models (nnScreener_predict -d {TARGET}, nnUNetv2_predict), first:\n'
           + '\n'.join(f'  export {k}={os.environ[k]}' for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')))
     return {'anomaly_maps': summaries, 'agreement': agreement, 'comparison': comparison}
+
+
+def _refuse_other_preset(folder: str) -> None:
+    """A demo folder of an earlier nnscreener (planned `tiny`) holds stages trained with other settings: resuming
+    would re-plan it, lengthen its SSL stages and then stop at the density stage, whose features changed."""
+    plans_file = join(preprocessed_dataset_folder(TARGET_NAME), SCREENER_PLANS_NAME + '.json')
+    planned = load_json(plans_file).get('screener', {}).get('preset') if isfile(plans_file) else PRESET
+    if planned != PRESET:
+        raise ScreenerInputError(f'{os.path.abspath(folder)} holds a demo planned with preset {planned!r} by an '
+                                 f'earlier nnscreener; this demo plans {PRESET!r}: give another -o, or remove that '
+                                 f'folder')
 
 
 class _Steps:
