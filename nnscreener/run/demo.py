@@ -104,7 +104,9 @@ def _minutes(seconds: float) -> str:
 
 def _maps_and_metrics(raw: str, folder: str, kind: str, device: str) -> dict:
     out = join(folder, f'anomaly_maps_{kind}')
-    predict(join(raw, 'imagesTr'), out, TARGET, kind, device, overlays=2, continue_=True)
+    # the lesion masks' contours in the overlays: whether the top regions are the lesions is what a reader looks for
+    predict(join(raw, 'imagesTr'), out, TARGET, kind, device, overlays=2, continue_=True,
+            reference_folder=join(raw, 'labelsTr'))
     return evaluate_anomaly_maps(out, join(raw, 'labelsTr'), join(out, 'evaluation'), n_threshold_cases=4,
                                  images_folder=join(raw, 'imagesTr'))
 
