@@ -15,7 +15,7 @@ from nnscreener.baselines.intensity import IntensityBaseline
 from nnscreener.baselines.local_contrast import LocalContrastPatchModel
 from nnscreener.density.modular_screener import DensityPatchModel
 from nnscreener.distillation.objective import DistilledPatchModel
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, screener_plans_file
 from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
@@ -104,7 +104,7 @@ def _identity(name: str, kind: str, density_trainer: str, plans_file: str, plans
 
 def _local_contrast_model(name: str) -> TrainedModel:
     require_env('nnUNet_preprocessed')
-    plans_file = join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
+    plans_file = screener_plans_file(name)
     if not isfile(plans_file):
         raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
     plans_manager = PlansManager(load_json(plans_file))

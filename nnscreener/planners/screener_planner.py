@@ -20,14 +20,21 @@ from nnscreener.planners.gpu_memory import fit_to_gpu_memory
 from nnscreener.planners.presets import CT_CLIP_RANGE, SCREENER_SPACING, get_preset
 from nnscreener.planners.unets import DEFAULT_UNET, plans_architecture, unet_spec
 from nnscreener.utilities.errors import ScreenerInputError
+from nnscreener.utilities.paths import preprocessed_dataset_folder
 
 SCREENER_PLANS_NAME = 'nnScreenerPlans'
+
 CONFIGURATION = '3d_fullres'
 SCREENER_FROM = 'screener_from'  # `screener` key: the dataset whose pretrained Screener these plans use
 # what the Screener networks see and are: must be identical for a dataset that uses another dataset's Screener
 SAME_INPUT_PLANS_KEYS = ('transpose_forward', 'foreground_intensity_properties_per_channel')
 SAME_INPUT_CONFIGURATION_KEYS = ('spacing', 'patch_size', 'architecture', 'normalization_schemes',
                                  'use_mask_for_norm', 'resampling_fn_data', 'resampling_fn_data_kwargs')
+
+
+def screener_plans_file(name: str) -> str:
+    """<nnUNet_preprocessed>/<dataset>/nnScreenerPlans.json"""
+    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
 
 
 def check_same_screener_input(plans: dict, source_plans: dict, source_file: str) -> None:

@@ -10,7 +10,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnscreener.planners.presets import PRESETS, SCREENER_SPACING
 from nnscreener.planners.screener_planner import (CONFIGURATION, SCREENER_FROM, SCREENER_PLANS_NAME, nnScreenerPlanner,
-                                                  planned_unet, screener_settings)
+                                                  planned_unet, screener_plans_file, screener_settings)
 from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.planners.unets import DEFAULT_UNET, UNETS
 from nnscreener.preprocessing.screener_cache import build_screener_cache, screener_cache_folder
@@ -41,7 +41,7 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     require_env('nnUNet_raw', 'nnUNet_preprocessed')
     target = dataset_name(dataset_id)
     source = _screener_source(screener_from, target, pretrain_dataset_ids)
-    source_settings = ScreenerSettings.from_plans(load_json(_plans_file(source))) if source else None
+    source_settings = ScreenerSettings.from_plans(load_json(screener_plans_file(source))) if source else None
     preset = preset or (source_settings.preset if source else None) or 'default'
     unet = unet or (source_settings.unet if source else DEFAULT_UNET)
     # an unknown preset, override or UNet, or a memory target too small, is a one-line error before any work
@@ -59,7 +59,7 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
         sources[name] = check_raw_ct_dataset(raw_dataset_folder(name), False, patch, SCREENER_SPACING,
                                              allow_non_hu=allow_non_hu)
 
-    plans_file = _plans_file(target)
+    plans_file = screener_plans_file(target)
     log_file = join(preprocessed_dataset_folder(target), 'nnscreener_plan_and_preprocess.log')
     if continue_ and _nnunet_preprocessing_complete(target, settings, sources[target], labeled):
         if load_json(plans_file)['screener'] != _screener_block(preset, settings, source):  # same nnU-Net data
@@ -85,10 +85,6 @@ def plan_and_preprocess(dataset_id, pretrain_dataset_ids: Sequence = (), preset:
     return plans_file
 
 
-def _plans_file(name: str) -> str:
-    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
-
-
 def _num_labels(target: str) -> int:
     """Outputs of the fine-tuning network (labels, background included); a dataset.json without labels is refused by
     the validation that follows."""
@@ -112,8 +108,8 @@ def _screener_source(screener_from, target: str, pretrain_dataset_ids: Sequence)
     if source == target:
         raise ScreenerInputError(f'{target} cannot use its own Screener through --screener_from: plan it without '
                                  f'--screener_from')
-    if not isfile(_plans_file(source)):
-        raise ScreenerInputError(f'{_plans_file(source)} missing: plan and pretrain {source} first '
+    if not isfile(screener_plans_file(source)):
+        raise ScreenerInputError(f'{screener_plans_file(source)} missing: plan and pretrain {source} first '
                                  f'(nnScreener_plan_and_preprocess -d {source}, nnScreener_pretrain -d {source})')
     return source
 
@@ -121,7 +117,7 @@ def _screener_source(screener_from, target: str, pretrain_dataset_ids: Sequence)
 def _check_source_network(source: str, preset: str, settings: dict) -> None:
     """Before any image is read: a preset whose patch or network differs from the source Screener's. The planner
     checks the finished plans in full (spacing, intensities, the network nnU-Net builds)."""
-    planned = load_json(_plans_file(source))['screener']  # compared as the JSON holds it
+    planned = load_json(screener_plans_file(source))['screener']  # compared as the JSON holds it
     differ = _differing_keys(planned, settings, NETWORK_KEYS)
     if differ:
         source_settings = ScreenerSettings.from_dict(planned)
@@ -143,7 +139,7 @@ def _differing_keys(planned: dict, settings: dict, keys) -> list:
 def _nnunet_preprocessing_complete(target: str, settings: dict, cases: dict, labeled: bool) -> bool:
     """Plans whose configuration these preset settings would make again exist, and every case of a labeled target
     has its properties file, which nnU-Net writes last per case (an image-only target has no nnU-Net data)."""
-    plans_file = _plans_file(target)
+    plans_file = screener_plans_file(target)
     if not isfile(plans_file):
         return False
     planned = load_json(plans_file).get('screener', {})

@@ -18,14 +18,13 @@ from nnscreener.finetuning.lowshot_splits import write_lowshot_splits
 from nnscreener.finetuning.nnunet_train import nnunet_train
 from nnscreener.inference.predict import predict
 from nnscreener.phantoms.make_phantoms import make_phantom_datasets
-from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import SCREENER_PLANS_NAME, screener_plans_file
 from nnscreener.preprocessing.plan_and_preprocess import plan_and_preprocess
 from nnscreener.run.pretrain import pretrain
 from nnscreener.training.stages import stage_checkpoint
 from nnscreener.utilities.cli import add_device_argument, argument_parser
 from nnscreener.utilities.console import progress_bar
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.paths import preprocessed_dataset_folder
 
 TARGET, PRETRAIN = 501, 500
 TARGET_NAME = 'Dataset501_ScreenerPhantomLesions'
@@ -73,7 +72,7 @@ def run_demo(folder: str = 'nnscreener_demo', device: str = 'cpu', num_labeled: 
 def _refuse_other_preset(folder: str) -> None:
     """A demo folder of an earlier nnscreener (planned `tiny`) holds stages trained with other settings: resuming
     would re-plan it, lengthen its SSL stages and then stop at the density stage, whose features changed."""
-    plans_file = join(preprocessed_dataset_folder(TARGET_NAME), SCREENER_PLANS_NAME + '.json')
+    plans_file = screener_plans_file(TARGET_NAME)
     planned = load_json(plans_file).get('screener', {}).get('preset') if isfile(plans_file) else PRESET
     if planned != PRESET:
         raise ScreenerInputError(f'{os.path.abspath(folder)} holds a demo planned with preset {planned!r} by an '

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnscreener.planners.presets import PRESETS
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, check_same_screener_input
+from nnscreener.planners.screener_planner import (CONFIGURATION, SCREENER_PLANS_NAME, check_same_screener_input,
+                                                  screener_plans_file)
 from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.progress import StageProgress
 from nnscreener.training.stage_trainer import SEED_ENV
@@ -23,7 +24,7 @@ from nnscreener.training.stages import (PRETRAIN_FOLD, STAGE_TRAINERS, screener_
 from nnscreener.utilities.cli import add_device_argument, argument_parser
 from nnscreener.utilities.console import output_to_log
 from nnscreener.utilities.errors import ScreenerInputError, exit_on_input_error
-from nnscreener.utilities.paths import dataset_name, preprocessed_dataset_folder, require_env
+from nnscreener.utilities.paths import dataset_name, require_env
 
 
 def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str = None, continue_: bool = False,
@@ -49,7 +50,7 @@ def pretrain(dataset, stages: Sequence[str] = tuple(STAGE_TRAINERS), preset: str
         os.environ[SEED_ENV] = str(seed)
     ordered = [s for s in STAGE_TRAINERS if s in stages]  # paper order, whatever order was typed
     classes = [_stage_trainer_class(trainers[s]) for s in ordered]
-    planned = ScreenerSettings.from_plans(load_json(_plans_file(name)))
+    planned = ScreenerSettings.from_plans(load_json(screener_plans_file(name)))
     settings = [c.training_settings(planned) for c in classes]
     steps = [s.stage(c.settings_block).num_steps for c, s in zip(classes, settings)]  # for the ETA
     told_where = False
@@ -78,10 +79,6 @@ def pretrain_log_file(name: str) -> str:
     return join(os.environ['nnUNet_results'], name, 'nnscreener_pretrain.log')
 
 
-def _plans_file(name: str) -> str:
-    return join(preprocessed_dataset_folder(name), SCREENER_PLANS_NAME + '.json')
-
-
 def _uses_screener_of(name: str, source: str, checkpoints: dict) -> dict:
     """A dataset planned with --screener_from trains nothing: its checkpoints are the source's, whose distilled UNet
     must fit its plans (the source may have been re-planned and retrained since)."""
@@ -90,7 +87,7 @@ def _uses_screener_of(name: str, source: str, checkpoints: dict) -> dict:
     if not isfile(distilled) or not isfile(source_plans):
         raise ScreenerInputError(f'{name} uses the Screener of {source}, which is not pretrained yet: run '
                                  f'nnScreener_pretrain -d {source}')
-    check_same_screener_input(load_json(_plans_file(name)), load_json(source_plans), source_plans)
+    check_same_screener_input(load_json(screener_plans_file(name)), load_json(source_plans), source_plans)
     print(f'{name}: this dataset uses the Screener of {source}: nothing to train. Fine-tune from its distilled UNet: '
           f'nnUNetv2_train {name} {CONFIGURATION} FOLD -p {SCREENER_PLANS_NAME} -tr nnScreenerFinetuneTrainer '
           f'-pretrained_weights {distilled}')
@@ -110,7 +107,7 @@ def _stage_trainer_class(trainer_name: str):
 
 
 def _check_plans(name: str, preset: str) -> None:
-    plans_file = _plans_file(name)
+    plans_file = screener_plans_file(name)
     if not isfile(plans_file):
         raise ScreenerInputError(f'{plans_file} missing: run nnScreener_plan_and_preprocess -d {name} first')
     plans = load_json(plans_file)
