@@ -432,8 +432,15 @@ def main():
                           ('phantom_quality_cpu_leaveout2_smooth4.json',
                            lambda r: paired_ab_section(
                                'Leave-out conditions on the headline world (`cpu:leaveout=2`, maps smoothed by 4 mm)',
-                               (('the headline: the paper\'s conditions', 'phantom_quality.json'),
+                               (('the headline until the distillation ran 21600 steps: the paper\'s conditions',
+                                 'phantom_quality_cpu_diststeps10800_smooth4.json'),
                                 ('leave-out cells of 2 mask blocks', 'phantom_quality_cpu_leaveout2_smooth4.json')))),
+                          ('phantom_quality_cpu_diststeps21600.json',
+                           lambda r: paired_ab_section(
+                               'The distillation 21600 steps on the headline world (`cpu:diststeps=21600`)',
+                               (('10800 steps (the headline until then)',
+                                 'phantom_quality_cpu_diststeps10800_smooth4.json'),
+                                ('21600 steps: `cpu` since', 'phantom_quality_cpu_diststeps21600.json')))),
                           ('phantom_quality_demo.json',
                            lambda r: paired_ab_section(
                                'The demo\'s preset: `tiny` trained longer, maps smoothed by 4 mm (`demo`)',

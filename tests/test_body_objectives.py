@@ -157,7 +157,7 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     # diststeps trains the distillation longer and nothing else
     distilled_longer = get_preset('tiny:diststeps=900')
     assert [distilled_longer[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [200, 300, 900]
-    assert [get_preset('cpu')[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [2700, 2700, 10800]
+    assert [get_preset('cpu')[s]['num_steps'] for s in ('ssl', 'density', 'distillation')] == [2700, 2700, 21600]
     # density= sets the planned density model, the one the distillation learns from; a wrong name is refused
     assert get_preset('cpu:density=conditional_gaussian')['density']['model'] == 'conditional_gaussian'
     assert get_preset('cpu')['density']['model'] == 'conditional_flow'  # measured best (documentation/benchmarks.md)
