@@ -10,7 +10,7 @@ from torch import nn
 from nnscreener.density.factory import build_density_model
 from nnscreener.density.conditions import LeaveOutConditions
 from nnscreener.density.modular_screener import ModularScreener
-from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME
+from nnscreener.planners.screener_planner import CONFIGURATION, SCREENER_PLANS_NAME, screener_plans_file
 from nnscreener.planners.settings import ScreenerSettings
 from nnscreener.training.networks import build_plans_unet
 from nnscreener.training.stage_trainer import load_stage_network
@@ -27,8 +27,7 @@ PRETRAIN_FOLD = 'all'  # pretraining uses every case: there is no label to valid
 def screener_dataset(dataset_name: str) -> str:
     """The dataset whose pretrained Screener `dataset_name` uses: the one its plans name in `screener_from`
     (nnScreener_plan_and_preprocess --screener_from), else itself (also when its plans are not at hand)."""
-    plans_file = join(os.environ.get('nnUNet_preprocessed', ''), dataset_name, SCREENER_PLANS_NAME + '.json')
-    if not os.environ.get('nnUNet_preprocessed') or not isfile(plans_file):
+    if not os.environ.get('nnUNet_preprocessed') or not isfile(plans_file := screener_plans_file(dataset_name)):
         return dataset_name
     plans = load_json(plans_file)
     return (ScreenerSettings.from_plans(plans).screener_from if 'screener' in plans else None) or dataset_name
