@@ -169,6 +169,11 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert not any('map_smoothing_mm' in get_preset(p) for p in ('tiny', 'default', 'cpu_wide'))
     with pytest.raises(ScreenerInputError, match='smooth=<mm >= 0>'):
         get_preset('cpu:smooth=-2')
+    # jitter= scales the SSL colour jitter towards none; 1 (no key) is the jitter of Screener's code
+    assert get_preset('cpu:jitter=0.5')['ssl']['colour_jitter_scale'] == 0.5
+    assert 'colour_jitter_scale' not in get_preset('cpu:jitter=1')['ssl']
+    with pytest.raises(ScreenerInputError, match='jitter=<0..1>'):
+        get_preset('cpu:jitter=2')
     from nnscreener.training.stage_runs import stage_settings  # inference only: --c retrains no stage for it
     assert all(stage_settings(get_preset('cpu'), b) == stage_settings(get_preset('cpu:smooth=0'), b)
                for b in ('ssl', 'density', 'distillation'))

@@ -206,6 +206,20 @@ def test_colour_jitter_intensity_ops():
     assert abs(float((noisy - views(4, 1).repeat(1, 1, 4, 4, 4)).std()) - 0.05) < 0.003
 
 
+def test_scaled_colour_jitter_shrinks_every_range_towards_the_identity():
+    full = ColourJitterConfig()
+    half = full.scaled(0.5)
+    assert half.brightness_range == (0.9, 1.1) and half.noise_sigma_range == (0.0, 0.05)
+    assert half.sharpen_alpha_range == (0.0, 1.0) and half.blur_or_sharpen_p == full.blur_or_sharpen_p
+    assert half.gamma_range[0] * half.gamma_range[1] == pytest.approx(1.0)  # 0.8 .. 1.25 stays symmetric
+    assert full.scaled(1.0) == full
+    x = views(8)  # scale 0: every op fires and changes nothing
+    torch.testing.assert_close(ColourJitter(full.scaled(0.0))(x, torch.Generator().manual_seed(0)), x)
+    weaker, stronger = (float((ColourJitter(full.scaled(s))(x, torch.Generator().manual_seed(1)) - x).abs().mean())
+                        for s in (0.25, 1.0))
+    assert 0 < weaker < stronger
+
+
 def test_colour_jitter_probability_is_per_sample():
     x = views(400)
     out = only(brightness_p=0.5, brightness_range=(0.5, 0.5))(x, torch.Generator().manual_seed(0))

@@ -144,11 +144,12 @@ PRESETS['cpu']['map_smoothing_mm'] = 4.0
 
 
 # "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M,diststeps=D,density=NAME,
-# smooth=S": a preset with every stage trained N steps, another CLAHE clip limit, another condition median window,
-# leave-out conditions (with centred cells), other mask blocks of the condition model's training, a condition model
-# trained M steps, a distillation trained D steps, another default density model (whose maps the distillation learns)
-# and/or maps smoothed by S mm, for the quality-vs-compute, CLAHE, condition, distillation, density and smoothing
-# measurements (benchmarks/quality); the plans record the full name
+# smooth=S,jitter=J": a preset with every stage trained N steps, another CLAHE clip limit, another condition median
+# window, leave-out conditions (with centred cells), other mask blocks of the condition model's training, a condition
+# model trained M steps, a distillation trained D steps, another default density model (whose maps the distillation
+# learns), maps smoothed by S mm and/or the SSL colour jitter's ranges scaled by J, for the quality-vs-compute, CLAHE,
+# condition, distillation, density, smoothing and augmentation measurements (benchmarks/quality); the plans record
+# the full name
 
 
 def _mask_block(value: str) -> tuple:
@@ -171,9 +172,15 @@ def _millimetres(value: str) -> float:
     return float(value)
 
 
+def _fraction(value: str) -> float:
+    if not 0 <= float(value) <= 1:
+        raise ValueError(value)
+    return float(value)
+
+
 PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'centred': int,
                     'maskblock': _mask_block, 'condsteps': int, 'diststeps': int, 'density': _density_model,
-                    'smooth': _millimetres}
+                    'smooth': _millimetres, 'jitter': _fraction}
 
 
 def _parse_overrides(name: str, overrides: str) -> dict:
@@ -188,7 +195,7 @@ def _parse_overrides(name: str, overrides: str) -> dict:
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
                                      f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
                                      f"maskblock=<z>x<y>x<x> or condsteps=<int> or diststeps=<int> or "
-                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0>")
+                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0> or jitter=<0..1>")
     if parsed.get('centred') and not parsed.get('leaveout'):
         raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
                                  f"add leaveout=<int>")
@@ -222,6 +229,10 @@ def get_preset(name: str) -> dict:
         preset['density']['model'] = overrides['density']
     if 'smooth' in overrides:
         preset['map_smoothing_mm'] = overrides['smooth']
+    if overrides.get('jitter', 1) != 1:
+        # no key = 1, the jitter of Screener's code. Why measure less: the phantoms' liver and kidney tumours differ
+        # from their organ by 20-45 HU (~0.02-0.035 of the [0, 1] input), the brightness jitter alone by +-20 %
+        preset['ssl']['colour_jitter_scale'] = overrides['jitter']
     if overrides.get('median', 1) != 1:
         # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
         # finds the phantoms' small lesions better but the real sarcomas and the distilled UNet worse

@@ -80,6 +80,7 @@ class SSLSettings(StageSettings):
     mask_ratio: float = 0.6
     mask_block_size: Tuple[int, int, int] = (16, 24, 24)
     condition_num_steps: Optional[int] = None  # the condition model's steps; None = num_steps, as in the paper
+    colour_jitter_scale: float = 1.0  # ColourJitterConfig.scaled: 1 = the ranges of Screener's code
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ blur or sharpen (p 0.8, either with prob. 1/2) -> Gaussian noise (p 0.8) -> brig
 pathology contrast alive under this jitter (paper, appendix).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,19 @@ class ColourJitterConfig:
     contrast_range: tuple = (0.8, 1.2)
     gamma_p: float = 0.8
     gamma_range: tuple = (0.8, 1.25)
+
+    def scaled(self, scale: float) -> 'ColourJitterConfig':
+        """The same jitter with every range shrunk towards the identity by `scale` (1: these ranges, 0: none);
+        gamma geometrically, so 0.8 .. 1.25 stays symmetric about 1. The probabilities stay."""
+        def towards(value_range, identity):
+            return tuple(identity + scale * (v - identity) for v in value_range)
+        return replace(
+            self, blur_sigma_range=towards(self.blur_sigma_range, 0.0),
+            sharpen_sigma_range=towards(self.sharpen_sigma_range, 0.0),
+            sharpen_alpha_range=towards(self.sharpen_alpha_range, 0.0),
+            noise_sigma_range=towards(self.noise_sigma_range, 0.0),
+            brightness_range=towards(self.brightness_range, 1.0), contrast_range=towards(self.contrast_range, 1.0),
+            gamma_range=tuple(g ** scale for g in self.gamma_range))
 
 
 def _uniform(batch: int, value_range, like: torch.Tensor, generator) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from nnscreener.ssl.augment import ColourJitter
+from nnscreener.ssl.augment import ColourJitter, ColourJitterConfig
 from nnscreener.ssl.crop_pairs import sample_features
 from nnscreener.ssl.masking import BlockMasking
 
@@ -15,10 +15,11 @@ class DenseSSLObjective(nn.Module):
     source voxels.
     """
 
-    def __init__(self, network: nn.Module, loss: nn.Module, masking: BlockMasking = None):
+    def __init__(self, network: nn.Module, loss: nn.Module, masking: BlockMasking = None,
+                 jitter: ColourJitterConfig = ColourJitterConfig()):
         super().__init__()
         self.network, self.loss, self.masking = network, loss, masking
-        self.jitter = ColourJitter()
+        self.jitter = ColourJitter(jitter)
 
     def embed(self, view: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         x = self.jitter(view)

@@ -1,5 +1,6 @@
 """Stages 1 and 2 of Screener: the descriptor and the masking-invariant condition model (dense SSL)."""
 from nnscreener.planners.settings import ScreenerSettings
+from nnscreener.ssl.augment import ColourJitterConfig
 from nnscreener.ssl.losses import ssl_loss_of_block
 from nnscreener.ssl.masking import BlockMasking
 from nnscreener.ssl.objective import DenseSSLObjective
@@ -18,7 +19,8 @@ class nnScreenerDescriptorTrainer(nnScreenerStageTrainer):
     def build_objective(self):
         dim = getattr(self.settings, self.feature_dim_key)
         network = build_plans_unet(self.configuration_manager, dim)
-        return DenseSSLObjective(network, ssl_loss_of_block(self.stage_settings, dim), self.build_masking())
+        return DenseSSLObjective(network, ssl_loss_of_block(self.stage_settings, dim), self.build_masking(),
+                                 ColourJitterConfig().scaled(self.stage_settings.colour_jitter_scale))
 
     def build_masking(self):
         return None
