@@ -336,9 +336,10 @@ def minutes_range(minutes) -> str:
     return low if low == high else f'{low}-{high}'
 
 
-# the committed schedule from the UNet the cpu preset distils today first, then the same schedule from the earlier
-# (Gaussian-distilled) UNet and its repeat (nnU-Net's training is not seeded), then earlier schedules
-LOWSHOT_RESULTS = ('lowshot_flow_distilled.json', 'lowshot.json', 'lowshot_repeat.json',
+# the committed schedule from the UNet the cpu preset distils today (21600 steps) first, then from its 10800-step
+# predecessor and from the earlier (Gaussian-distilled) UNet and its repeat (nnU-Net's training is not seeded), then
+# earlier schedules
+LOWSHOT_RESULTS = ('lowshot_distilled_d21600.json', 'lowshot_flow_distilled.json', 'lowshot.json', 'lowshot_repeat.json',
                    'lowshot_batchdice_300x50.json', 'lowshot_batchdice_100x50.json', 'lowshot_perpatch_100x50.json')
 
 
@@ -379,7 +380,8 @@ def lowshot_section(result: dict, name: str) -> list:
              f"iterations of {sched['batch_size']} patches ({sched['random_patches_per_batch']} random, the others around a "
              f"lesion), lr {sched['initial_lr']} after {sched['warmup_epochs']} warm-up epochs, no mirroring); "
              f"fine-tuning starts from the distilled UNet of training seed "
-             f"{result['seeds']['pretraining']}. {machine_line(result)}. Dice per validation case (lesion label), "
+             f"{result['seeds']['pretraining']}. {machine_line(result)}.{' ' + result['note'] if 'note' in result else ''} "
+             f"Dice per validation case (lesion label), "
              f"mean ± sd over cases. Wall time per training (two at once): {minutes_range(train_min)} min of epochs, then "
              f"{minutes_range(val_min)} min of nnU-Net's final validation.", '']
     lines += lowshot_rows(result, f"{result['n_train']} labeled training cases")
