@@ -180,6 +180,22 @@ def paired_ab_section(title: str, arms: tuple) -> list:
     return lines + [''] + [f'- {c}' for c in commands] + ['']
 
 
+def modular_arms_section(title: str, arms: tuple) -> list:
+    """Arms of an A/B of the modular maps alone (no distilled UNet compared), one row each: body AUROC pooled, at
+    FPR 0.3 and per lesion type."""
+    results = [(arm, name, load(name)) for arm, name in arms]
+    types = [t for t, v in results[0][2]['methods']['screener'].items() if t != 'all' and isinstance(v, dict)]
+    lines = [f'### {title}', '', '| arm | preset | seeds | AUROC | AUROC@FPR0.3 | ' + ' | '.join(types) + ' |',
+             '|---' * (5 + len(types)) + '|']
+    for arm, name, result in results:
+        modular = result['methods']['screener']
+        lines.append(f"| {arm} | `{result['preset']}` | {result['seeds']} | {f3(modular['all']['auroc_body'])} | "
+                     f"{f3(modular['all']['auroc_fpr03_body'])} | "
+                     + ' | '.join(f3(modular[t]['auroc_body']) for t in types) + ' |')
+    return lines + [''] + [f"- {arm} (`{name}`): {machine_line(r['settings']['machine'])}. "
+                           f"{r['settings'].get('preset_note', '')}" for arm, name, r in results] + ['']
+
+
 def per_seed(row: dict) -> str:
     return ' / '.join(f3(v) for v in row.get('auroc_body_per_seed', [])) or '-'
 
@@ -443,6 +459,13 @@ def main():
                                (('10800 steps (the headline until then)',
                                  'phantom_quality_cpu_diststeps10800_smooth4.json'),
                                 ('21600 steps: `cpu` since', 'phantom_quality_cpu_diststeps21600.json')))),
+                          ('phantom_quality_cpu_jitter05_seed0.json',
+                           lambda r: modular_arms_section(
+                               'The SSL colour jitter on the headline world (`cpu:jitter=J`), seed 0, modular maps',
+                               (('the jitter of Screener\'s code (the headline\'s seed 0)',
+                                 'phantom_quality_cpu_seed0_modular.json'),
+                                ('every range halved', 'phantom_quality_cpu_jitter05_seed0.json'),
+                                ('no colour jitter', 'phantom_quality_cpu_jitter0_seed0.json')))),
                           ('phantom_quality_demo.json',
                            lambda r: paired_ab_section(
                                'The demo\'s preset: `tiny` trained longer, maps smoothed by 4 mm (`demo`)',
