@@ -174,6 +174,11 @@ def test_preset_overrides_set_steps_clahe_and_the_conditions():
     assert 'colour_jitter_scale' not in get_preset('cpu:jitter=1')['ssl']
     with pytest.raises(ScreenerInputError, match='jitter=<0..1>'):
         get_preset('cpu:jitter=2')
+    # pairs= and dims= set the SSL positive pairs per step and d_desc = d_cond
+    wider = get_preset('cpu:pairs=2048,dims=16')
+    assert (wider['ssl']['positive_pairs'], wider['descriptor_dim'], wider['condition_dim']) == (2048, 16, 16)
+    with pytest.raises(ScreenerInputError, match='dims=<int >= 1>'):
+        get_preset('cpu:dims=0')
     from nnscreener.training.stage_runs import stage_settings  # inference only: --c retrains no stage for it
     assert all(stage_settings(get_preset('cpu'), b) == stage_settings(get_preset('cpu:smooth=0'), b)
                for b in ('ssl', 'density', 'distillation'))

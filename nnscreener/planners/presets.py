@@ -144,12 +144,13 @@ PRESETS['cpu']['map_smoothing_mm'] = 4.0
 
 
 # "<preset>:steps=N,clahe=X,median=K,leaveout=L,centred=1,maskblock=ZxYxX,condsteps=M,diststeps=D,density=NAME,
-# smooth=S,jitter=J": a preset with every stage trained N steps, another CLAHE clip limit, another condition median
-# window, leave-out conditions (with centred cells), other mask blocks of the condition model's training, a condition
-# model trained M steps, a distillation trained D steps, another default density model (whose maps the distillation
-# learns), maps smoothed by S mm and/or the SSL colour jitter's ranges scaled by J, for the quality-vs-compute, CLAHE,
-# condition, distillation, density, smoothing and augmentation measurements (benchmarks/quality); the plans record
-# the full name
+# smooth=S,jitter=J,pairs=P,dims=K": a preset with every stage trained N steps, another CLAHE clip limit, another
+# condition median window, leave-out conditions (with centred cells), other mask blocks of the condition model's
+# training, a condition model trained M steps, a distillation trained D steps, another default density model (whose
+# maps the distillation learns), maps smoothed by S mm, the SSL colour jitter's ranges scaled by J, P positive pairs
+# per SSL step and/or descriptors and conditions of K dimensions, for the quality-vs-compute, CLAHE, condition,
+# distillation, density, smoothing, augmentation and SSL measurements (benchmarks/quality); the plans record the
+# full name
 
 
 def _mask_block(value: str) -> tuple:
@@ -172,6 +173,12 @@ def _millimetres(value: str) -> float:
     return float(value)
 
 
+def _positive(value: str) -> int:
+    if int(value) < 1:
+        raise ValueError(value)
+    return int(value)
+
+
 def _fraction(value: str) -> float:
     if not 0 <= float(value) <= 1:
         raise ValueError(value)
@@ -180,7 +187,7 @@ def _fraction(value: str) -> float:
 
 PRESET_OVERRIDES = {'steps': int, 'clahe': float, 'median': int, 'leaveout': int, 'centred': int,
                     'maskblock': _mask_block, 'condsteps': int, 'diststeps': int, 'density': _density_model,
-                    'smooth': _millimetres, 'jitter': _fraction}
+                    'smooth': _millimetres, 'jitter': _fraction, 'pairs': _positive, 'dims': _positive}
 
 
 def _parse_overrides(name: str, overrides: str) -> dict:
@@ -195,7 +202,8 @@ def _parse_overrides(name: str, overrides: str) -> dict:
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
                                      f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
                                      f"maskblock=<z>x<y>x<x> or condsteps=<int> or diststeps=<int> or "
-                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0> or jitter=<0..1>")
+                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0> or jitter=<0..1> or "
+                                     f"pairs=<int >= 1> or dims=<int >= 1>")
     if parsed.get('centred') and not parsed.get('leaveout'):
         raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
                                  f"add leaveout=<int>")
@@ -233,6 +241,13 @@ def get_preset(name: str) -> dict:
         # no key = 1, the jitter of Screener's code. Why measure less: the phantoms' liver and kidney tumours differ
         # from their organ by 20-45 HU (~0.02-0.035 of the [0, 1] input), the brightness jitter alone by +-20 %
         preset['ssl']['colour_jitter_scale'] = overrides['jitter']
+    if 'pairs' in overrides:
+        # SSL signal per step at little cost: the UNets run once per view whatever the number of pairs; the paper
+        # samples 1024 per CT (8192 over 8), tiny and cpu 256 (512 over 2)
+        preset['ssl']['positive_pairs'] = overrides['pairs']
+    if 'dims' in overrides:
+        # d_desc = d_cond: the paper's 32, tiny and cpu 8
+        preset.update(descriptor_dim=overrides['dims'], condition_dim=overrides['dims'])
     if overrides.get('median', 1) != 1:
         # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
         # finds the phantoms' small lesions better but the real sarcomas and the distilled UNet worse
