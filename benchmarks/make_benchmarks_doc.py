@@ -461,11 +461,14 @@ def main():
                                 ('21600 steps: `cpu` since', 'phantom_quality_cpu_diststeps21600.json')))),
                           ('phantom_quality_cpu_jitter05_seed0.json',
                            lambda r: modular_arms_section(
-                               'The SSL colour jitter on the headline world (`cpu:jitter=J`), seed 0, modular maps',
-                               (('the jitter of Screener\'s code (the headline\'s seed 0)',
-                                 'phantom_quality_cpu_seed0_modular.json'),
-                                ('every range halved', 'phantom_quality_cpu_jitter05_seed0.json'),
-                                ('no colour jitter', 'phantom_quality_cpu_jitter0_seed0.json')))),
+                               'SSL settings on the headline world (`cpu:jitter=J`, `pairs=P`, `dims=K`), seed 0, '
+                               'modular maps',
+                               (('`cpu` (the headline\'s seed 0)', 'phantom_quality_cpu_seed0_modular.json'),
+                                ('colour jitter: every range halved', 'phantom_quality_cpu_jitter05_seed0.json'),
+                                ('no colour jitter', 'phantom_quality_cpu_jitter0_seed0.json'),
+                                ('2048 positive pairs per step', 'phantom_quality_cpu_pairs2048_seed0.json'),
+                                ('descriptors and conditions of 16 dimensions',
+                                 'phantom_quality_cpu_dims16_seed0.json')))),
                           ('phantom_quality_demo.json',
                            lambda r: paired_ab_section(
                                'The demo\'s preset: `tiny` trained longer, maps smoothed by 4 mm (`demo`)',
