@@ -202,8 +202,8 @@ def _parse_overrides(name: str, overrides: str) -> dict:
             raise ScreenerInputError(f"preset override '{item}' of '{name}': use steps=<int>, clahe=<float>, "
                                      f"median=<odd int>, leaveout=<int>, centred=1 (with leaveout) or "
                                      f"maskblock=<z>x<y>x<x> or condsteps=<int> or diststeps=<int> or "
-                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0> or jitter=<0..1> or "
-                                     f"pairs=<int >= 1> or dims=<int >= 1>")
+                                     f"density=<{'|'.join(DENSITY_MODEL_NAMES)}> or smooth=<mm >= 0> or "
+                                     f"jitter=<0..1> or pairs=<int >= 1> or dims=<int >= 1>")
     if parsed.get('centred') and not parsed.get('leaveout'):
         raise ScreenerInputError(f"preset '{name}': centred=1 shifts the cells of leave-out conditions; "
                                  f"add leaveout=<int>")
@@ -239,14 +239,15 @@ def get_preset(name: str) -> dict:
         preset['map_smoothing_mm'] = overrides['smooth']
     if overrides.get('jitter', 1) != 1:
         # no key = 1, the jitter of Screener's code. Why measure less: the phantoms' liver and kidney tumours differ
-        # from their organ by 20-45 HU (~0.02-0.035 of the [0, 1] input), the brightness jitter alone by +-20 %
+        # from their organ by 20-45 HU (~0.02-0.035 of the [0, 1] input), the brightness jitter alone by +-20 %.
+        # Measured at cpu (seed 0): halved 0.776, none 0.731, against 0.774 (documentation/benchmarks.md)
         preset['ssl']['colour_jitter_scale'] = overrides['jitter']
     if 'pairs' in overrides:
         # SSL signal per step at little cost: the UNets run once per view whatever the number of pairs; the paper
-        # samples 1024 per CT (8192 over 8), tiny and cpu 256 (512 over 2)
+        # samples 1024 per CT (8192 over 8), tiny and cpu 256 (512 over 2). cpu:pairs=2048 (seed 0): 0.775 against 0.774
         preset['ssl']['positive_pairs'] = overrides['pairs']
     if 'dims' in overrides:
-        # d_desc = d_cond: the paper's 32, tiny and cpu 8
+        # d_desc = d_cond: the paper's 32, tiny and cpu 8. cpu:dims=16 (seed 0): 0.687 against 0.774
         preset.update(descriptor_dim=overrides['dims'], condition_dim=overrides['dims'])
     if overrides.get('median', 1) != 1:
         # no key = 1, the paper's conditions, so plans stay as they were before the option existed. 5 (22 mm)
