@@ -181,16 +181,16 @@ def paired_ab_section(title: str, arms: tuple) -> list:
 
 
 def modular_arms_section(title: str, arms: tuple) -> list:
-    """Arms of an A/B of the modular maps alone (no distilled UNet compared), one row each: body AUROC pooled, at
-    FPR 0.3 and per lesion type."""
+    """Arms of an A/B of the modular maps alone (no distilled UNet compared), one row each: body AUROC pooled (mean
+    over seeds and per seed), at FPR 0.3 and per lesion type."""
     results = [(arm, name, load(name)) for arm, name in arms]
     types = [t for t, v in results[0][2]['methods']['screener'].items() if t != 'all' and isinstance(v, dict)]
-    lines = [f'### {title}', '', '| arm | preset | seeds | AUROC | AUROC@FPR0.3 | ' + ' | '.join(types) + ' |',
+    lines = [f'### {title}', '', '| arm | preset | AUROC | per seed | AUROC@FPR0.3 | ' + ' | '.join(types) + ' |',
              '|---' * (5 + len(types)) + '|']
     for arm, name, result in results:
         modular = result['methods']['screener']
-        lines.append(f"| {arm} | `{result['preset']}` | {result['seeds']} | {f3(modular['all']['auroc_body'])} | "
-                     f"{f3(modular['all']['auroc_fpr03_body'])} | "
+        lines.append(f"| {arm} | `{result['preset']}` | {f3(modular['all']['auroc_body'])} | {per_seed(modular['all'])} "
+                     f"| {f3(modular['all']['auroc_fpr03_body'])} | "
                      + ' | '.join(f3(modular[t]['auroc_body']) for t in types) + ' |')
     return lines + [''] + [f"- {arm} (`{name}`): {machine_line(r['settings']['machine'])}. "
                            f"{r['settings'].get('preset_note', '')}" for arm, name, r in results] + ['']
@@ -459,15 +459,15 @@ def main():
                                (('10800 steps (the headline until then)',
                                  'phantom_quality_cpu_diststeps10800_smooth4.json'),
                                 ('21600 steps: `cpu` since', 'phantom_quality_cpu_diststeps21600.json')))),
-                          ('phantom_quality_cpu_jitter05_seed0.json',
+                          ('phantom_quality_cpu_jitter05.json',
                            lambda r: modular_arms_section(
-                               'SSL settings on the headline world (`cpu:jitter=J`, `pairs=P`, `dims=K`), seed 0, '
-                               'modular maps',
-                               (('`cpu` (the headline\'s seed 0)', 'phantom_quality_cpu_seed0_modular.json'),
-                                ('colour jitter: every range halved', 'phantom_quality_cpu_jitter05_seed0.json'),
-                                ('no colour jitter', 'phantom_quality_cpu_jitter0_seed0.json'),
-                                ('2048 positive pairs per step', 'phantom_quality_cpu_pairs2048_seed0.json'),
-                                ('descriptors and conditions of 16 dimensions',
+                               'SSL settings on the headline world (`cpu:jitter=J`, `pairs=P`, `dims=K`), modular maps',
+                               (('`cpu` (the headline)', 'phantom_quality.json'),
+                                ('`cpu`, seed 0 alone', 'phantom_quality_cpu_seed0_modular.json'),
+                                ('colour jitter: every range halved', 'phantom_quality_cpu_jitter05.json'),
+                                ('no colour jitter (seed 0)', 'phantom_quality_cpu_jitter0_seed0.json'),
+                                ('2048 positive pairs per step', 'phantom_quality_cpu_pairs2048.json'),
+                                ('descriptors and conditions of 16 dimensions (seed 0)',
                                  'phantom_quality_cpu_dims16_seed0.json')))),
                           ('phantom_quality_demo.json',
                            lambda r: paired_ab_section(

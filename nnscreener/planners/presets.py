@@ -240,11 +240,12 @@ def get_preset(name: str) -> dict:
     if overrides.get('jitter', 1) != 1:
         # no key = 1, the jitter of Screener's code. Why measure less: the phantoms' liver and kidney tumours differ
         # from their organ by 20-45 HU (~0.02-0.035 of the [0, 1] input), the brightness jitter alone by +-20 %.
-        # Measured at cpu (seed 0): halved 0.776, none 0.731, against 0.774 (documentation/benchmarks.md)
+        # Measured at cpu: halved 0.746 (3 seeds; headline 0.762), none 0.731 (seed 0; 0.774); benchmarks.md
         preset['ssl']['colour_jitter_scale'] = overrides['jitter']
     if 'pairs' in overrides:
         # SSL signal per step at little cost: the UNets run once per view whatever the number of pairs; the paper
-        # samples 1024 per CT (8192 over 8), tiny and cpu 256 (512 over 2). cpu:pairs=2048 (seed 0): 0.775 against 0.774
+        # samples 1024 per CT (8192 over 8), tiny and cpu 256 (512 over 2). cpu:pairs=2048, modular maps: 0.782 against
+        # 0.762 (3 seeds, up in each); its distilled UNet and the real sarcomas not yet measured
         preset['ssl']['positive_pairs'] = overrides['pairs']
     if 'dims' in overrides:
         # d_desc = d_cond: the paper's 32, tiny and cpu 8. cpu:dims=16 (seed 0): 0.687 against 0.774
